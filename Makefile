@@ -1,0 +1,27 @@
+# Quick start: `make demo` and `make test` each set everything up on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --progress-bar off -q --upgrade pip
+	$(BIN)/pip install --progress-bar off -q -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/gemma-unified demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/tokenize.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

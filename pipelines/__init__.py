@@ -1,0 +1,1 @@
+"""The data path from raw media to text, shared by batch jobs and the online endpoint."""
