@@ -1,0 +1,1 @@
+"""Command line, job specs, cluster submission and scheduled pipelines."""

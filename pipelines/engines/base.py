@@ -1,0 +1,78 @@
+"""The engine contract: prepared requests in, generation results out, for batches and for streams."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings. temperature 0 means greedy (the batch default, for reproducible output)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class PreparedRequest:
+    """Everything the model needs for one generation, in compact Arrow-friendly arrays.
+
+    Images are uint8 patches [n, 6912] with int16 (x, y) positions [n, 2] (the model side rescales by 1/255);
+    audio is float32 frames [t, 640] at 16 kHz. Media appear in prompt order.
+    """
+
+    id: str
+    prompt_token_ids: np.ndarray  # int32 [L]
+    mm_token_type_ids: np.ndarray  # int8 [L]
+    image_patches: list[np.ndarray] = field(default_factory=list)
+    image_positions: list[np.ndarray] = field(default_factory=list)
+    audio_frames: list[np.ndarray] = field(default_factory=list)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.prompt_token_ids.shape[0])
+
+    @property
+    def image_tokens(self) -> int:
+        return sum(int(p.shape[0]) for p in self.image_patches)
+
+    @property
+    def audio_tokens(self) -> int:
+        return sum(int(f.shape[0]) for f in self.audio_frames)
+
+
+@dataclass
+class GenerationResult:
+    id: str
+    text: str
+    finish_reason: str  # "stop" (end of turn / stop string) or "length"
+    prompt_tokens: int
+    image_tokens: int
+    audio_tokens: int
+    output_tokens: int
+    latency_s: float
+    output_token_ids: list[int] = field(default_factory=list)
+    spec_drafted: int | None = None  # speculative decoding: tokens proposed by the assistant
+    spec_accepted: int | None = None  # ... and accepted by the target
+
+
+class Engine(Protocol):
+    def generate(self, requests: list[PreparedRequest]) -> list[GenerationResult]: ...
+
+    def stream(self, request: PreparedRequest) -> AsyncIterator[str]: ...
+
+    def health(self) -> bool: ...
+
+    def close(self) -> None: ...

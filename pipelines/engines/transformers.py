@@ -1,0 +1,297 @@
+"""The reference engine: transformers' Gemma4UnifiedForConditionalGeneration on CPU or GPU.
+
+It consumes prepared rows directly (uint8 patches are rescaled on the device), batches requests of equal sampling
+settings sorted by length to limit padding, and runs speculative decoding with the MTP assistant one request at a
+time (transformers' assisted generation takes batch size 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import groupby
+from typing import AsyncIterator
+
+import numpy as np
+
+from pipelines.config import EngineSpec
+from pipelines.engines.base import GenerationResult, PreparedRequest, SamplingParams
+from pipelines.errors import InvalidRequest, ModelSourceError
+from pipelines.models import ResolvedModel
+from pipelines.prompts import strip_thinking
+
+_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+
+
+@dataclass
+class _SpecCounter:
+    drafted: int = 0
+    accepted: int = 0
+
+
+class TransformersEngine:
+    def __init__(self, model: ResolvedModel, engine: EngineSpec = EngineSpec()) -> None:
+        import torch
+        from transformers import AutoTokenizer, Gemma4UnifiedForConditionalGeneration
+
+        from pipelines.engines import mtp_fix
+
+        mtp_fix.apply()
+        self.spec = engine
+        self.model_name = model.name
+        self.device = torch.device("cuda" if engine.device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if engine.device == "auto" else engine.device))
+        if engine.dtype == "auto":
+            self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        else:
+            self.dtype = getattr(torch, _DTYPES[engine.dtype])
+        started = time.perf_counter()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model.path)
+            self.model = Gemma4UnifiedForConditionalGeneration.from_pretrained(
+                model.path, dtype=self.dtype, **self._quantization()
+            ).to(self.device).eval()
+            self.assistant = None
+            if engine.speculative and model.assistant_path is not None:
+                from transformers import Gemma4UnifiedAssistantForCausalLM
+
+                self.assistant = Gemma4UnifiedAssistantForCausalLM.from_pretrained(
+                    model.assistant_path, dtype=self.dtype
+                ).to(self.device).eval()
+                # transformers reads the draft length from the assistant's generation config only.
+                self.assistant.generation_config.num_assistant_tokens = engine.num_speculative_tokens
+        except OSError as exc:
+            raise ModelSourceError(f"cannot load {model.name!r} from {model.path}: {exc}") from None
+        self.load_s = time.perf_counter() - started
+        eos = self.model.generation_config.eos_token_id
+        self.stop_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.convert_tokens_to_ids("<turn|>")}
+        self.stop_ids.discard(None)
+        self._channel_open = self.tokenizer.convert_tokens_to_ids("<|channel>")
+        self._channel_close = self.tokenizer.convert_tokens_to_ids("<channel|>")
+        self._special_ids = set(self.tokenizer.all_special_ids)
+        self._lock = threading.Lock()  # one generate() at a time per replica
+
+    def _quantization(self) -> dict:
+        kind = self.spec.quantization
+        if kind == "none":
+            return {}
+        if kind == "fp8":
+            from transformers import FineGrainedFP8Config
+
+            return {"quantization_config": FineGrainedFP8Config()}
+        if kind in ("bnb-8bit", "bnb-4bit"):
+            from transformers import BitsAndBytesConfig
+
+            return {"quantization_config": BitsAndBytesConfig(load_in_8bit=kind == "bnb-8bit",
+                                                              load_in_4bit=kind == "bnb-4bit")}
+        return {}  # compressed-tensors: the checkpoint's own config says how to load it
+
+    # ---- batch generation ----
+
+    def generate(self, requests: list[PreparedRequest]) -> list[GenerationResult]:
+        results: dict[str, GenerationResult] = {}
+        for request in requests:
+            if request.prompt_tokens + request.sampling.max_new_tokens > self.spec.max_model_len:
+                raise InvalidRequest(
+                    f"prompt ({request.prompt_tokens}) plus max_new_tokens ({request.sampling.max_new_tokens}) "
+                    f"exceeds max_model_len {self.spec.max_model_len}",
+                    item=request.id,
+                    stage="generate",
+                )
+        speculative = self.assistant is not None
+        ordered = sorted(requests, key=lambda r: (_sampling_key(r.sampling), r.prompt_tokens))
+        with self._lock:
+            for _, group in groupby(ordered, key=lambda r: _sampling_key(r.sampling)):
+                group = list(group)
+                size = 1 if speculative else self.spec.max_batch_size
+                for start in range(0, len(group), size):
+                    for result in self._generate_batch(group[start : start + size], speculative):
+                        results[result.id] = result
+        return [results[r.id] for r in requests]
+
+    def _generate_batch(self, batch: list[PreparedRequest], speculative: bool) -> list[GenerationResult]:
+        import torch
+
+        sampling = batch[0].sampling
+        inputs = self._collate(batch)
+        kwargs = dict(
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=not sampling.greedy,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=sorted(self.stop_ids),
+        )
+        if not sampling.greedy:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
+        if sampling.stop:
+            kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        counter = _SpecCounter()
+        started = time.perf_counter()
+        with torch.inference_mode():
+            if speculative:
+                with _count_speculation(self.model, counter):
+                    output = self.model.generate(**inputs, **kwargs, assistant_model=self.assistant)
+            else:
+                output = self.model.generate(**inputs, **kwargs)
+        latency = time.perf_counter() - started
+        prompt_length = inputs["input_ids"].shape[1]
+        results = []
+        for row, request in enumerate(batch):
+            new_ids = output[row, prompt_length:].tolist()
+            results.append(self._result(request, new_ids, latency, counter if speculative else None))
+        return results
+
+    def _collate(self, batch: list[PreparedRequest]) -> dict:
+        """Left-pad prompts; stack all images (and audio clips) of the batch in prompt order, padded."""
+        import torch
+
+        length = max(r.prompt_tokens for r in batch)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(batch), length), pad, dtype=torch.long)
+        attention = torch.zeros((len(batch), length), dtype=torch.long)
+        types = torch.zeros((len(batch), length), dtype=torch.long)
+        for row, request in enumerate(batch):
+            n = request.prompt_tokens
+            input_ids[row, length - n :] = torch.from_numpy(request.prompt_token_ids.astype(np.int64))
+            types[row, length - n :] = torch.from_numpy(request.mm_token_type_ids.astype(np.int64))
+            attention[row, length - n :] = 1
+        inputs = {"input_ids": input_ids, "attention_mask": attention, "mm_token_type_ids": types}
+        patches = [p for r in batch for p in r.image_patches]
+        if patches:
+            most = max(p.shape[0] for p in patches)
+            pixels = torch.zeros((len(patches), most, patches[0].shape[1]), dtype=torch.uint8)
+            positions = torch.full((len(patches), most, 2), -1, dtype=torch.long)
+            for index, (p, pos) in enumerate(zip(patches, [q for r in batch for q in r.image_positions])):
+                pixels[index, : p.shape[0]] = torch.from_numpy(p)
+                positions[index, : p.shape[0]] = torch.from_numpy(pos.astype(np.int64))
+            # uint8 crosses to the device; the rescale to [0, 1] happens there, as the processor computes it.
+            inputs["pixel_values"] = pixels.to(self.device) * (1 / 255)
+            inputs["image_position_ids"] = positions
+        frames = [f for r in batch for f in r.audio_frames]
+        if frames:
+            most = max(f.shape[0] for f in frames)
+            features = torch.zeros((len(frames), most, frames[0].shape[1]), dtype=torch.float32)
+            mask = torch.zeros((len(frames), most), dtype=torch.bool)
+            for index, f in enumerate(frames):
+                features[index, : f.shape[0]] = torch.from_numpy(f)
+                mask[index, : f.shape[0]] = True
+            inputs["input_features"] = features
+            inputs["input_features_mask"] = mask
+        return {k: v.to(self.device) for k, v in inputs.items()}
+
+    def _result(self, request: PreparedRequest, new_ids: list[int], latency: float, counter) -> GenerationResult:
+        # Rows that finished early are padded after their stop token; everything from the stop token on goes.
+        generated, finish, output_tokens = new_ids, "length", len(new_ids)
+        for index, token in enumerate(new_ids):
+            if token in self.stop_ids:
+                generated, finish, output_tokens = new_ids[:index], "stop", index + 1
+                break
+        text = self.decode(generated)
+        if request.sampling.stop:
+            for stop in request.sampling.stop:
+                if stop in text:
+                    text, finish = text[: text.index(stop)], "stop"
+        return GenerationResult(
+            id=request.id,
+            text=text,
+            finish_reason=finish,
+            prompt_tokens=request.prompt_tokens,
+            image_tokens=request.image_tokens,
+            audio_tokens=request.audio_tokens,
+            output_tokens=output_tokens,
+            latency_s=latency,
+            output_token_ids=generated,
+            spec_drafted=counter.drafted if counter else None,
+            spec_accepted=counter.accepted if counter else None,
+        )
+
+    def decode(self, ids: list[int]) -> str:
+        """Text without thinking blocks and without special tokens."""
+        kept, thinking = [], False
+        for token in ids:
+            if token == self._channel_open:
+                thinking = True
+            elif token == self._channel_close:
+                thinking = False
+            elif not thinking and token not in self._special_ids:
+                kept.append(token)
+        return strip_thinking(self.tokenizer.decode(kept, skip_special_tokens=True))
+
+    # ---- streaming ----
+
+    async def stream(self, request: PreparedRequest) -> AsyncIterator[str]:
+        """Text deltas as they are generated (plain decoding; thinking blocks are not streamed)."""
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        inputs = self._collate([request])
+        sampling = request.sampling
+        kwargs = dict(
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=not sampling.greedy,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=sorted(self.stop_ids),
+            streamer=streamer,
+        )
+        if not sampling.greedy:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
+
+        def run() -> None:
+            import torch
+
+            with self._lock, torch.inference_mode():
+                self.model.generate(**inputs, **kwargs)
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        sentinel = object()
+        while True:
+            chunk = await asyncio.to_thread(next, streamer, sentinel)
+            if chunk is sentinel:
+                break
+            if chunk:
+                yield chunk
+        await asyncio.to_thread(worker.join)
+
+    def health(self) -> bool:
+        return self.model is not None
+
+    def close(self) -> None:
+        self.model = None
+        self.assistant = None
+
+
+def _sampling_key(sampling: SamplingParams) -> tuple:
+    return (sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed, sampling.stop)
+
+
+@contextmanager
+def _count_speculation(model, counter: _SpecCounter):
+    """Count drafted and accepted tokens by wrapping the candidate generator transformers builds per call."""
+    build = model._get_candidate_generator
+
+    def counting(*args, **kwargs):
+        generator = build(*args, **kwargs)
+        get_candidates, update = generator.get_candidates, generator.update_candidate_strategy
+
+        def counted_get(input_ids, *a, **k):
+            candidates, logits = get_candidates(input_ids, *a, **k)
+            counter.drafted += candidates.shape[1] - input_ids.shape[1]
+            return candidates, logits
+
+        def counted_update(input_ids, scores, n_matches):
+            counter.accepted += int(n_matches)
+            return update(input_ids, scores, n_matches)
+
+        generator.get_candidates, generator.update_candidate_strategy = counted_get, counted_update
+        return generator
+
+    model._get_candidate_generator = counting
+    try:
+        yield
+    finally:
+        del model._get_candidate_generator

@@ -1,0 +1,147 @@
+"""Where a model's files come from: the built-in tiny model, a preset, a local directory, a Hugging Face id,
+or object storage (mirrored once per node to local disk, under a lock, so N actors on a node download once)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from pipelines.config import PRESETS, ModelSpec
+from pipelines.errors import ModelSourceError
+
+TINY = "tiny"
+REQUIRED_FILES = ("config.json", "tokenizer_config.json")
+_MODEL_PATTERNS = ("*.json", "*.safetensors", "*.jinja", "*.model", "*.txt")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str
+    path: Path
+    assistant_path: Path | None
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("GEMMA_UNIFIED_CACHE", Path.home() / ".cache" / "gemma-unified"))
+
+
+def _build_once(directory: Path, build) -> Path:
+    from filelock import FileLock
+
+    marker = directory / ".complete"
+    if marker.exists():
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(directory) + ".lock"):
+        if not marker.exists():
+            build(directory)
+            marker.touch()
+    return directory
+
+
+def tiny_dir(seed: int = 0) -> Path:
+    """The tiny model's directory (processor, weights, assistant/), built on first use."""
+    from pipelines.engines.tiny import build_tiny_model
+
+    return _build_once(cache_root() / f"tiny-seed{seed}", lambda d: build_tiny_model(d, seed=seed))
+
+
+def _mirror(url: str, storage_options: dict) -> Path:
+    """Copy a model directory from object storage to node-local disk once; later calls reuse the copy."""
+    import fsspec
+
+    local = cache_root() / "mirror" / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+
+    def download(directory: Path) -> None:
+        try:
+            fs, root = fsspec.core.url_to_fs(url, **storage_options)
+            files = [f for f in fs.find(root) if not f.rstrip("/").endswith("/")]
+        except Exception as exc:  # any backend error: unreachable endpoint, bad credentials
+            raise ModelSourceError(f"cannot list the model at {url}: {exc}") from None
+        if not files:
+            raise ModelSourceError(f"no model files at {url}")
+        directory.mkdir(parents=True, exist_ok=True)
+        for remote in files:
+            target = directory / os.path.relpath(remote, root.rstrip("/"))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(remote, str(target))
+
+    return _build_once(local, download)
+
+
+def _hub(repo_id: str) -> Path:
+    """A Hugging Face id through the local cache; downloads only when the hub is reachable and allowed."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=list(_MODEL_PATTERNS)))
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
+        raise ModelSourceError(
+            f"{repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: missing "
+            f"{', '.join(REQUIRED_FILES)} and the *.safetensors weights. Download it on a connected machine "
+            f"(huggingface-cli download {repo_id}) or point the model at a local directory or s3:// URL."
+        )
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=list(_MODEL_PATTERNS)))
+    except Exception as exc:
+        raise ModelSourceError(
+            f"cannot resolve {repo_id!r}: not in the local Hugging Face cache and the download failed ({exc}). "
+            f"Needed files: {', '.join(REQUIRED_FILES)} and *.safetensors."
+        ) from None
+
+
+def _locate(name: str, storage_options: dict) -> Path:
+    if "://" in name and not name.startswith("file://"):
+        path = _mirror(name, storage_options)
+    elif Path(name.removeprefix("file://")).expanduser().is_dir():
+        path = Path(name.removeprefix("file://")).expanduser()
+    else:
+        path = _hub(name)
+    missing = [f for f in REQUIRED_FILES if not (path / f).exists()]
+    if missing:
+        raise ModelSourceError(f"{name}: the model directory {path} lacks {', '.join(missing)}")
+    return path
+
+
+def resolve(spec: ModelSpec | str) -> ResolvedModel:
+    """A ModelSpec (or bare name) -> local paths of the model and of its MTP assistant (if any)."""
+    spec = ModelSpec(name=spec) if isinstance(spec, str) else spec
+    name, default_assistant = spec.name, None
+    if name == TINY:
+        path = tiny_dir()
+        default_assistant = path / "assistant"
+    else:
+        if name in PRESETS:
+            name, default_assistant = PRESETS[name]
+        path = _locate(name, spec.storage_options)
+    if spec.assistant in (None, "none"):
+        assistant = None
+    elif spec.assistant == "auto":
+        if isinstance(default_assistant, Path):
+            assistant = default_assistant
+        elif default_assistant:
+            assistant = _locate(default_assistant, spec.storage_options)
+        elif (path / "assistant" / "config.json").exists():
+            assistant = path / "assistant"
+        else:
+            assistant = None
+    else:
+        assistant = _locate(spec.assistant, spec.storage_options)
+    return ResolvedModel(name=spec.name, path=path, assistant_path=assistant)
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(model: str = TINY):
+    """The model's own tokenizer (with its chat template)."""
+    from transformers import AutoTokenizer
+
+    path = resolve(model).path
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(f"cannot load the tokenizer of {model!r}: {exc}") from None

@@ -1,0 +1,95 @@
+"""Prompt building against transformers' own Gemma4UnifiedProcessor, with the tiny model's tokenizer."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.errors import InvalidRequest
+from pipelines.prepare import prepare_item
+from pipelines.prompts import (
+    AUDIO_TYPE,
+    IMAGE_TYPE,
+    Task,
+    TaskOptions,
+    build_messages,
+    parse_translation,
+    render,
+    strip_thinking,
+)
+
+
+def _png(height: int, width: int) -> bytes:
+    rng = np.random.default_rng(height * 7 + width)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+@pytest.mark.parametrize(
+    "options",
+    [
+        TaskOptions(task=Task.caption),
+        TaskOptions(task=Task.answer, question="How many circles are there?"),
+        TaskOptions(task=Task.prompt, prompt="List the colours.", system="You are terse."),
+    ],
+    ids=["caption", "answer", "prompt"],
+)
+def test_image_prompt_matches_transformers_processor(hf_processor, tokenizer, options, thinking):
+    from dataclasses import replace
+
+    options = replace(options, thinking=thinking)
+    data = _png(480, 640)
+    item = prepare_item(data, item_id="a", tokenizer=tokenizer, options=options)
+    (request,) = item.requests
+    text = render(tokenizer, build_messages(options, ["image"]), thinking=thinking)
+    expected = hf_processor(text=text, images=[Image.open(io.BytesIO(data))], add_special_tokens=False, return_tensors="pt")
+    assert request.prompt_token_ids.tolist() == expected["input_ids"][0].tolist()
+    assert request.mm_token_type_ids.tolist() == expected["mm_token_type_ids"][0].tolist()
+    assert request.prompt_token_ids.dtype == np.int32
+    count = int(expected["num_soft_tokens_per_image"][0]) if "num_soft_tokens_per_image" in expected else request.image_tokens
+    assert (request.mm_token_type_ids == IMAGE_TYPE).sum() == count == request.image_tokens
+    assert torch.equal(torch.from_numpy(request.image_patches[0]) * (1 / 255), expected["pixel_values"][0, :count])
+    assert int((request.prompt_token_ids == tokenizer.bos_token_id).sum()) == 1  # the template writes <bos> once
+
+
+def test_thinking_adds_the_think_token(tokenizer):
+    plain = render(tokenizer, build_messages(TaskOptions(), ["image"]))
+    thinking = render(tokenizer, build_messages(TaskOptions(), ["image"]), thinking=True)
+    assert "<|think|>" not in plain and "<|think|>" in thinking
+
+
+def test_speech_prompts_follow_googles_wording():
+    transcribe = build_messages(TaskOptions(task=Task.transcribe, language="German"), ["audio"])
+    assert transcribe[0]["content"][0] == {"type": "audio"}
+    assert "Transcribe the following speech segment in German into German text." in transcribe[0]["content"][1]["text"]
+    translate = build_messages(TaskOptions(task=Task.translate, source_language="French", target_language="English"), ["audio"])
+    text = translate[0]["content"][1]["text"]
+    assert "Transcribe the following speech segment in French, then translate it into English." in text
+    assert "'English: '" in text
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (TaskOptions(task=Task.translate, source_language="French"), "target_language"),
+        (TaskOptions(task=Task.answer), "question"),
+        (TaskOptions(task=Task.prompt), "prompt"),
+    ],
+)
+def test_missing_task_fields_are_refused(tokenizer, options, message):
+    with pytest.raises(InvalidRequest, match=message):
+        prepare_item(_png(48, 48), item_id="x", tokenizer=tokenizer, options=options)
+
+
+def test_strip_thinking_and_parse_translation():
+    assert strip_thinking("<|channel>thought\nhmm, a cat<channel|>A cat on a mat.") == "A cat on a mat."
+    assert strip_thinking("A dog.<|channel>thought\nunfinished") == "A dog."
+    assert parse_translation("Bonjour le monde\nEnglish: Hello world", "English") == ("Bonjour le monde", "Hello world")
+    assert parse_translation("Bonjour\nHello", "English") == ("Bonjour", "Hello")
+    assert parse_translation("Bonjour", "English") == ("Bonjour", "")
