@@ -71,6 +71,59 @@ def inspect(
 
 
 @app.command()
+def run(
+    job_file: Optional[Path] = typer.Argument(None, help="A job YAML (JobSpec); flags override its fields."),
+    task: Optional[str] = typer.Option(None, help="caption, transcribe, translate, answer or prompt."),
+    input: Optional[str] = typer.Option(None, "--input", help="Directory, glob, tar shards or manifest (fsspec URL)."),
+    output: Optional[str] = typer.Option(None, help="Output URL: results/, errors/ and _job.json go here."),
+    model: Optional[str] = typer.Option(None, help="tiny, gemma-4-12b-it, a directory, an HF id or an s3:// URL."),
+    engine: Optional[str] = typer.Option(None, help="transformers or vllm."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Output tokens per request."),
+    language: Optional[str] = typer.Option(None, help="transcribe: the spoken language."),
+    source_language: Optional[str] = typer.Option(None, help="translate: the spoken language."),
+    target_language: Optional[str] = typer.Option(None, help="translate: the target language."),
+    question: Optional[str] = typer.Option(None, help="answer: the question for every item."),
+    prompt: Optional[str] = typer.Option(None, help="prompt: the instruction for every item."),
+    max_soft_tokens: Optional[int] = typer.Option(None, help="Image token budget: 70, 140, 280, 560 or 1120."),
+    replicas: Optional[int] = typer.Option(None, help="Model actors (one replica each)."),
+    batch_size: Optional[int] = typer.Option(None, help="Units per model call."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or local)."),
+    speculative: Optional[bool] = typer.Option(None, "--speculative/--no-speculative", help="Use the MTP assistant."),
+    retry_failed: Optional[bool] = typer.Option(None, "--retry-failed/--no-retry-failed",
+                                                help="On rerun, retry items in errors/ (default) or keep them."),
+    storage_option: Optional[List[str]] = typer.Option(None, help="fsspec option KEY=VALUE for input and output."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show Ray Data progress bars."),
+) -> None:
+    """Run (or resume) a batch job: media in, Parquet results out."""
+    from jobs.report import print_summary
+    from jobs.spec import load_job
+    from pipelines.batch import run as run_job
+    from pipelines.errors import GemmaUnifiedError
+
+    storage = _parse_storage_options(storage_option) or None
+    overrides = {
+        "input": {"url": input, "storage_options": storage},
+        "output": {"url": output, "storage_options": storage, "retry_failed": retry_failed},
+        "task": {"task": task, "max_new_tokens": max_new_tokens, "language": language,
+                 "source_language": source_language, "target_language": target_language,
+                 "question": question, "prompt": prompt},
+        "model": {"name": model},
+        "engine": {"kind": engine, "speculative": speculative},
+        "media": {"max_soft_tokens": max_soft_tokens},
+        "resources": {"replicas": replicas, "batch_size": batch_size, "address": address},
+    }
+    try:
+        job = load_job(job_file, overrides)
+        summary = run_job(job, progress=progress)
+    except GemmaUnifiedError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(code=2)
+    print_summary(summary, console)
+    if summary.run_failed:
+        raise typer.Exit(code=1)
+
+
+@app.command()
 def demo(
     directory: Optional[Path] = typer.Option(None, help="Where to write the sample media (a temp dir by default)."),
 ) -> None:

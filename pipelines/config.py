@@ -86,3 +86,78 @@ class MediaSpec(Strict):
         from pipelines.prepare import MediaLimits
 
         return MediaLimits(**self.model_dump())
+
+
+class InputSpec(Strict):
+    url: str = Field(..., min_length=1, max_length=4096, description="Directory, glob, tar shard(s) or manifest URL.")
+    format: Literal["auto", "files", "tar", "manifest"] = Field(
+        "auto",
+        description="auto: a .parquet/.jsonl/.csv file is a manifest, *.tar shards are WebDataset, anything else "
+        "is a directory or glob of media files.",
+    )
+    storage_options: dict[str, str] = Field(default_factory=dict, description="fsspec options (endpoint_url, ...).")
+
+
+class TaskSpec(Strict):
+    task: Literal["caption", "transcribe", "translate", "answer", "prompt"] = Field(
+        "caption", description="What to do with each item."
+    )
+    language: str | None = Field(None, max_length=64, description="transcribe: the spoken language, if known.")
+    source_language: str | None = Field(None, max_length=64, description="translate: the spoken language.")
+    target_language: str | None = Field(None, max_length=64, description="translate: the language to translate into.")
+    question: str | None = Field(None, max_length=20_000, description="answer: the question (a manifest row may set its own).")
+    prompt: str | None = Field(None, max_length=20_000, description="prompt: the instruction; caption: replaces the default.")
+    system: str | None = Field(None, max_length=20_000, description="An optional system turn.")
+    thinking: bool = Field(False, description="Let the model think first (thoughts are stripped from the output).")
+    max_new_tokens: int = Field(256, ge=1, le=32_768, description="Output tokens per request.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 is greedy (the batch default, reproducible).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, le=1000, description="Top-k sampling; 0 disables it.")
+    seed: int | None = Field(None, ge=0, description="Sampling seed.")
+    stop: list[str] = Field(default_factory=list, max_length=16, description="Stop strings.")
+
+
+class ResourcesSpec(Strict):
+    address: str | None = Field(None, description="Ray cluster address; RAY_ADDRESS or a new local instance if unset.")
+    replicas: int = Field(1, ge=1, le=1024, description="Model actors (one model replica each).")
+    batch_size: int = Field(8, ge=1, le=4096, description="Units handed to a model actor per call.")
+    gpus_per_replica: float | None = Field(
+        None, ge=0, le=8, description="GPUs per model actor; default 1 when the cluster has GPUs, else 0."
+    )
+    cpus_per_replica: float = Field(1.0, ge=0.1, le=256, description="CPUs reserved per model actor.")
+    replica_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per model actor (e.g. a node label)."
+    )
+    prepare_concurrency: int | None = Field(None, ge=1, le=100_000, description="Parallel CPU prepare tasks.")
+    num_cpus: int | None = Field(None, ge=1, le=100_000, description="CPUs for a local Ray instance.")
+    object_store_mb: int = Field(1024, ge=64, le=1_000_000, description="Object store size of a local Ray instance.")
+
+
+class OutputSpec(Strict):
+    url: str = Field(..., min_length=1, max_length=4096, description="Where results/, errors/ and _job.json go.")
+    storage_options: dict[str, str] = Field(default_factory=dict, description="fsspec options for the output.")
+    retry_failed: bool = Field(True, description="On rerun, retry items recorded in errors/.")
+
+
+class JobSpec(Strict):
+    input: InputSpec
+    task: TaskSpec = Field(default_factory=TaskSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    media: MediaSpec = Field(default_factory=MediaSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    output: OutputSpec
+
+    def fingerprint(self) -> str:
+        """What decides the output's content: a rerun with another fingerprint on the same output is refused."""
+        import hashlib
+        import json
+
+        relevant = {
+            "input": self.input.model_dump(exclude={"storage_options"}),
+            "task": self.task.model_dump(),
+            "model": self.model.model_dump(exclude={"storage_options"}),
+            "engine": self.engine.model_dump(include={"kind", "dtype", "quantization"}),
+            "media": self.media.model_dump(),
+        }
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]

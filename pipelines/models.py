@@ -135,13 +135,18 @@ def resolve(spec: ModelSpec | str) -> ResolvedModel:
     return ResolvedModel(name=spec.name, path=path, assistant_path=assistant)
 
 
+def load_tokenizer(model: ModelSpec | str = TINY):
+    """The model's own tokenizer (with its chat template), loaded once per process."""
+    spec = ModelSpec(name=model) if isinstance(model, str) else model
+    return _tokenizer(spec.name, tuple(sorted(spec.storage_options.items())))
+
+
 @lru_cache(maxsize=4)
-def load_tokenizer(model: str = TINY):
-    """The model's own tokenizer (with its chat template)."""
+def _tokenizer(name: str, storage_options: tuple):
     from transformers import AutoTokenizer
 
-    path = resolve(model).path
+    path = resolve(ModelSpec(name=name, storage_options=dict(storage_options))).path
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise ModelSourceError(f"cannot load the tokenizer of {model!r}: {exc}") from None
+        raise ModelSourceError(f"cannot load the tokenizer of {name!r}: {exc}") from None

@@ -139,6 +139,7 @@ def prepare_item(
             max_pages=limits.max_pages,
             dpi=limits.dpi,
             max_document_pages=limits.max_document_pages,
+            max_pixels=limits.max_pixels,
         )
         count = len(document.windows)
         requests, segments = [], []

@@ -1,0 +1,260 @@
+"""Build and run the Ray Data graph of a batch job: list -> prepare (CPU) -> generate (actors) -> write."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from pipelines.config import JobSpec
+from pipelines.sinks import ERRORS, RESULTS, OutputDir
+from pipelines.sources import check_reachable, detect_format, iter_listing
+
+# Environment variables that configure storage and models; they reach every Ray worker.
+FORWARDED_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "AZURE_", "HF_", "GEMMA_UNIFIED_", "FSSPEC_")
+LISTING_PAGE = 10_000
+
+
+@dataclass
+class JobSummary:
+    output: str
+    fingerprint: str
+    total: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    run_succeeded: int = 0
+    run_failed: int = 0
+    skipped: int = 0
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+    spec_drafted: int = 0
+    spec_accepted: int = 0
+    wall_s: float = 0.0
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def items_per_s(self) -> float:
+        return (self.run_succeeded + self.run_failed) / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.spec_accepted / self.spec_drafted if self.spec_drafted else None
+
+
+def forwarded_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+
+
+def connect(job: JobSpec) -> None:
+    """Join the given cluster (or RAY_ADDRESS), else start a local instance sized by the job."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": forwarded_env()}
+    address = job.resources.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+    else:
+        ray.init(
+            num_cpus=job.resources.num_cpus or os.cpu_count(),
+            object_store_memory=job.resources.object_store_mb * 1024 * 1024,
+            runtime_env=runtime_env,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+
+
+def _write_listing(job: JobSpec, out: OutputDir, run_id: str) -> str:
+    """Stream the input listing to Parquet pages under the output, holding one page in memory at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = out.path("_work", f"listing-{run_id}")
+    out.fs.makedirs(folder, exist_ok=True)
+    page, pages = [], 0
+
+    def flush() -> None:
+        nonlocal page, pages
+        table = pa.table({
+            "id": pa.array([r["id"] for r in page], pa.string()),
+            "uri": pa.array([r["uri"] for r in page], pa.string()),
+            "kind": pa.array([r["kind"] for r in page], pa.string()),
+        })
+        with out.fs.open(f"{folder}/page-{pages:06d}.parquet", "wb") as handle:
+            pq.write_table(table, handle)
+        page, pages = [], pages + 1
+
+    for row in iter_listing(job.input):
+        page.append(row)
+        if len(page) >= LISTING_PAGE:
+            flush()
+    if page or not pages:
+        flush()
+    return folder
+
+
+def _read_input(job: JobSpec, out: OutputDir, run_id: str):
+    import ray.data
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    if detect_format(job.input) == "manifest":
+        return _read_manifest(job)
+    folder = _write_listing(job, out, run_id)
+    return ray.data.read_parquet(folder, filesystem=PyFileSystem(FSSpecHandler(out.fs)))
+
+
+def _read_manifest(job: JobSpec):
+    import ray.data
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    from pipelines.sources import filesystem
+
+    fs, path = filesystem(job.input.url, job.input.storage_options)
+    arrow_fs = PyFileSystem(FSSpecHandler(fs))
+    lower = path.lower()
+    if lower.endswith(".parquet"):
+        dataset = ray.data.read_parquet(path, filesystem=arrow_fs)
+    elif lower.endswith(".csv"):
+        dataset = ray.data.read_csv(path, filesystem=arrow_fs)
+    else:
+        dataset = ray.data.read_json(path, filesystem=arrow_fs, lines=True)
+    return dataset.map_batches(_normalise_manifest, batch_format="pyarrow")
+
+
+def _normalise_manifest(table):
+    """Manifest rows -> listing rows: id, uri (or inline data), kind, and the per-row task fields."""
+    import pyarrow as pa
+
+    from pipelines.sources import LISTING_SCHEMA_FIELDS, ROW_FIELDS, stable_id
+
+    n = table.num_rows
+    names = set(table.column_names)
+    data = table.column("data").to_pylist() if "data" in names else [None] * n
+    uris = table.column("uri").to_pylist() if "uri" in names else [None] * n
+    ids = table.column("id").to_pylist() if "id" in names else [None] * n
+    ids = [str(i) if i is not None else (u or (stable_id(d) if d else None)) for i, u, d in zip(ids, uris, data)]
+    columns = {
+        "id": pa.array(ids, pa.string()),
+        "uri": pa.array(uris, pa.string()),
+        "kind": pa.array(["inline" if d is not None else "file" for d in data], pa.string()),
+        "data": pa.array(data, pa.binary()),
+    }
+    for name in ROW_FIELDS:
+        columns[name] = pa.array(
+            [None if v is None else str(v) for v in table.column(name).to_pylist()] if name in names else [None] * n,
+            pa.string(),
+        )
+    budgets = table.column("max_soft_tokens").to_pylist() if "max_soft_tokens" in names else [None] * n
+    columns["max_soft_tokens"] = pa.array([None if b is None else int(b) for b in budgets], pa.int64())
+    assert tuple(columns) == LISTING_SCHEMA_FIELDS
+    return pa.table(columns)
+
+
+def build(job: JobSpec, dataset, done_ref):
+    """The graph itself, separate from I/O set-up so tests and benchmarks can run it on any dataset."""
+    import ray
+    import ray.data
+
+    from pipelines.stages import Generate, Prepare, Write
+
+    resources = job.resources
+    gpus = resources.gpus_per_replica
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    prepare_compute = ray.data.TaskPoolStrategy(size=resources.prepare_concurrency) if resources.prepare_concurrency else None
+    # Remote args given as a function keep Ray from fusing Prepare into the model actors: tokenization runs in
+    # its own CPU tasks and overlaps with generation.
+    prepared = dataset.map_batches(
+        Prepare(job, done_ref), batch_size=1, compute=prepare_compute, ray_remote_args_fn=lambda: {"num_cpus": 1}
+    )
+    # Ray Data restarts a dead model actor and retries its in-flight batch (max_restarts / max_task_retries -1).
+    generated = prepared.map_batches(
+        Generate,
+        fn_constructor_args=(job,),
+        batch_size=resources.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=resources.replicas),
+        num_gpus=gpus,
+        num_cpus=resources.cpus_per_replica,
+        resources=resources.replica_resources or None,
+    )
+    return generated.map_batches(
+        Write(job.output.url, job.output.storage_options),
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=0.25,
+    )
+
+
+def run(job: JobSpec, *, progress: bool = True) -> JobSummary:
+    """Run (or resume) a batch job to completion and write `_job.json`."""
+    import numpy as np
+    import ray
+
+    started_at = datetime.now(timezone.utc)
+    started = time.perf_counter()
+    out = OutputDir(job.output.url, job.output.storage_options)
+    fingerprint = job.fingerprint()
+    check_reachable(job.input.url, job.input.storage_options)
+    out.check_fingerprint(fingerprint)
+    previous = out.read_manifest() or {}
+
+    done = out.done_ids(job.output.retry_failed)
+    if job.output.retry_failed:
+        out.drop_errors()
+    out.write_manifest({**previous, "fingerprint": fingerprint, "status": "running",
+                        "spec": _redacted(job), "started_at": started_at.isoformat()})
+
+    connect(job)
+    ray.data.DataContext.get_current().enable_progress_bars = progress
+    run_id = uuid.uuid4().hex[:12]
+    dataset = _read_input(job, out, run_id)
+    done_ref = ray.put(done) if len(done) else None
+    timings = {"setup_s": time.perf_counter() - started}
+    summary = JobSummary(output=out.url, fingerprint=fingerprint, skipped=len(done))
+    for batch in build(job, dataset, done_ref).iter_batches(batch_size=None, batch_format="numpy"):
+        summary.run_succeeded += int(np.sum(batch["succeeded"]))
+        summary.run_failed += int(np.sum(batch["failed"]))
+        summary.output_tokens += int(np.sum(batch["output_tokens"]))
+        summary.prompt_tokens += int(np.sum(batch["prompt_tokens"]))
+        summary.spec_drafted += int(np.sum(batch["spec_drafted"]))
+        summary.spec_accepted += int(np.sum(batch["spec_accepted"]))
+    summary.wall_s = time.perf_counter() - started
+    timings["run_s"] = summary.wall_s - timings["setup_s"]
+    summary.timings = timings
+    summary.succeeded = len(set(out.read_column(RESULTS)))
+    summary.failed = len(set(out.read_column(ERRORS)))
+    summary.total = summary.succeeded + summary.failed
+    out.fs.rm(out.path("_work", f"listing-{run_id}"), recursive=True) if out.fs.exists(
+        out.path("_work", f"listing-{run_id}")) else None
+    out.write_manifest({
+        "fingerprint": fingerprint,
+        "status": "complete",
+        "spec": _redacted(job),
+        "started_at": started_at.isoformat(),
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "counts": {"total": summary.total, "succeeded": summary.succeeded, "failed": summary.failed},
+        "this_run": {"succeeded": summary.run_succeeded, "failed": summary.run_failed,
+                     "skipped_already_done": summary.skipped},
+        "throughput": {"items_per_s": summary.items_per_s, "output_tokens_per_s": summary.tokens_per_s,
+                       "speculative_acceptance": summary.acceptance},
+        "tokens": {"prompt": summary.prompt_tokens, "output": summary.output_tokens,
+                   "spec_drafted": summary.spec_drafted, "spec_accepted": summary.spec_accepted},
+        "timings": timings,
+        "runs": previous.get("runs", 0) + 1,
+    })
+    return summary
+
+
+def _redacted(job: JobSpec) -> dict:
+    """The spec without secrets: storage options keep their keys, lose their values."""
+    spec = job.model_dump()
+    for section in ("input", "output", "model"):
+        spec[section]["storage_options"] = {k: "***" for k in spec[section]["storage_options"]}
+    return spec

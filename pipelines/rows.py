@@ -1,0 +1,82 @@
+"""Prepared units as plain Arrow-friendly rows, and back.
+
+A unit is what ends as exactly one output row: an image, a text, a document page window, or a whole audio clip
+(its 30-second windows travel together so the transcript is stitched without a shuffle). A unit holds one or more
+requests; their arrays are concatenated with per-request counts, so every column is a flat array or a scalar.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from pipelines.engines.base import PreparedRequest, SamplingParams
+from pipelines.media.image import PATCH_DIM
+
+FRAME = 640
+
+
+def _counts(values) -> np.ndarray:
+    return np.asarray(list(values), dtype=np.int32)
+
+
+def pack(requests: list[PreparedRequest]) -> dict:
+    """The arrays of a unit's requests, concatenated."""
+    images = [p for r in requests for p in r.image_patches]
+    positions = [p for r in requests for p in r.image_positions]
+    audio = [f for r in requests for f in r.audio_frames]
+    sampling = requests[0].sampling
+    return {
+        "request_ids": json.dumps([r.id for r in requests]),
+        "prompt_token_ids": np.concatenate([r.prompt_token_ids for r in requests]).astype(np.int32),
+        "prompt_lengths": _counts(r.prompt_tokens for r in requests),
+        "mm_token_type_ids": np.concatenate([r.mm_token_type_ids for r in requests]).astype(np.int8),
+        "image_patches": np.concatenate(images) if images else np.zeros((0, PATCH_DIM), np.uint8),
+        "image_positions": np.concatenate(positions) if positions else np.zeros((0, 2), np.int16),
+        "image_tokens_each": _counts(p.shape[0] for p in images),
+        "images_per_request": _counts(len(r.image_patches) for r in requests),
+        "audio_frames": np.concatenate(audio) if audio else np.zeros((0, FRAME), np.float32),
+        "audio_tokens_each": _counts(f.shape[0] for f in audio),
+        "audio_per_request": _counts(len(r.audio_frames) for r in requests),
+        "sampling": json.dumps({**sampling.__dict__, "stop": list(sampling.stop)}),
+    }
+
+
+def unpack(row: dict) -> list[PreparedRequest]:
+    ids = json.loads(row["request_ids"])
+    params = json.loads(row["sampling"])
+    sampling = SamplingParams(**{**params, "stop": tuple(params["stop"])})
+    prompts = _split(row["prompt_token_ids"], row["prompt_lengths"])
+    types = _split(row["mm_token_type_ids"], row["prompt_lengths"])
+    patches = _split(_rows(row["image_patches"], PATCH_DIM, np.uint8), row["image_tokens_each"])
+    positions = _split(_rows(row["image_positions"], 2, np.int16), row["image_tokens_each"])
+    frames = _split(_rows(row["audio_frames"], FRAME, np.float32), row["audio_tokens_each"])
+    requests, image_at, audio_at = [], 0, 0
+    for index, request_id in enumerate(ids):
+        n_images, n_audio = int(row["images_per_request"][index]), int(row["audio_per_request"][index])
+        requests.append(
+            PreparedRequest(
+                id=request_id,
+                prompt_token_ids=prompts[index],
+                mm_token_type_ids=types[index],
+                image_patches=patches[image_at : image_at + n_images],
+                image_positions=positions[image_at : image_at + n_images],
+                audio_frames=frames[audio_at : audio_at + n_audio],
+                sampling=sampling,
+            )
+        )
+        image_at += n_images
+        audio_at += n_audio
+    return requests
+
+
+def _rows(array, width: int, dtype) -> np.ndarray:
+    # Ray may hand back an empty tensor without its trailing dimension.
+    array = np.asarray(array, dtype=dtype)
+    return array.reshape(-1, width)
+
+
+def _split(array: np.ndarray, counts) -> list[np.ndarray]:
+    counts = np.asarray(counts, dtype=np.int64)
+    return np.split(np.asarray(array), np.cumsum(counts)[:-1]) if len(counts) else []

@@ -1,0 +1,96 @@
+"""The output directory: results/ and errors/ Parquet parts, and the job manifest `_job.json`.
+
+The output itself is the checkpoint: a rerun reads the ids in results/ (and errors/ when failures are kept) and
+skips them, so a killed job resumes where it stopped without a second bookkeeping system.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipelines.errors import GemmaUnifiedError
+
+RESULTS, ERRORS, MANIFEST = "results", "errors", "_job.json"
+
+
+class SpecMismatch(GemmaUnifiedError):
+    """The output directory belongs to a job with a different spec."""
+
+
+@dataclass
+class OutputDir:
+    url: str
+    storage_options: dict
+
+    def __post_init__(self) -> None:
+        import fsspec
+
+        self.url = self.url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def parts(self, folder: str) -> list[str]:
+        try:
+            return sorted(p for p in self.fs.ls(self.path(folder), detail=False) if p.endswith(".parquet"))
+        except FileNotFoundError:
+            return []
+
+    def read_column(self, folder: str, column: str = "id") -> np.ndarray:
+        """One column of every part in a folder, without loading the other columns."""
+        import pyarrow.parquet as pq
+
+        values = []
+        for part in self.parts(folder):
+            with self.fs.open(part, "rb") as handle:
+                values.extend(pq.read_table(handle, columns=[column]).column(column).to_pylist())
+        return np.asarray(values, dtype=object)
+
+    def read_table(self, folder: str):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        tables = []
+        for part in self.parts(folder):
+            with self.fs.open(part, "rb") as handle:
+                tables.append(pq.read_table(handle))
+        return pa.concat_tables(tables) if tables else None
+
+    def read_manifest(self) -> dict | None:
+        try:
+            with self.fs.open(self.path(MANIFEST), "r") as handle:
+                return json.load(handle)
+        except FileNotFoundError:
+            return None
+
+    def write_manifest(self, manifest: dict) -> None:
+        self.fs.makedirs(self.root, exist_ok=True)
+        with self.fs.open(self.path(MANIFEST), "w") as handle:
+            json.dump(manifest, handle, indent=2, default=str)
+
+    def check_fingerprint(self, fingerprint: str) -> None:
+        manifest = self.read_manifest()
+        if manifest and manifest.get("fingerprint") != fingerprint:
+            raise SpecMismatch(
+                f"{self.url} holds the output of a different job (spec fingerprint {manifest.get('fingerprint')}, "
+                f"this job {fingerprint}): use another output URL, or rerun with the same task, model, media and "
+                "input settings to resume it."
+            )
+
+    def done_ids(self, retry_failed: bool) -> np.ndarray:
+        """Sorted ids to skip: every result, plus every error when failures are not retried."""
+        ids = list(self.read_column(RESULTS))
+        if not retry_failed:
+            ids += list(self.read_column(ERRORS))
+        return np.asarray(sorted(set(ids)), dtype=str)
+
+    def drop_errors(self) -> int:
+        """Remove the error parts before retrying their items (the retry writes fresh rows)."""
+        parts = self.parts(ERRORS)
+        for part in parts:
+            self.fs.rm(part)
+        return len(parts)
