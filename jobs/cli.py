@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import List, Optional
 
@@ -125,16 +124,13 @@ def run(
 
 @app.command()
 def demo(
-    directory: Optional[Path] = typer.Option(None, help="Where to write the sample media (a temp dir by default)."),
+    directory: Optional[Path] = typer.Option(None, help="Where to write sample media and outputs (a temp dir by default)."),
+    model: str = typer.Option("tiny", help="The model; tiny needs no weights (its words are random)."),
 ) -> None:
-    """Make sample images, a spoken clip and a PDF, and show what the model will see of them."""
-    from jobs.samples import make_samples
+    """Make sample images, speech and a PDF, then caption, transcribe, translate and answer them end to end."""
+    from jobs.demo import run_demo
 
-    directory = directory or Path(tempfile.mkdtemp(prefix="gemma-unified-demo-"))
-    files = make_samples(directory)
-    console.print(f"Sample media in {directory}")
-    inspect([str(f) for f in files], task="prompt", max_soft_tokens=280, model="tiny", window_s=30.0,
-            overlap_s=0.0, max_pages=8, as_json=False, storage_option=None)
+    run_demo(directory, model, console)
 
 
 def main() -> None:

@@ -57,14 +57,23 @@ def document(path: Path, pages: int = 3) -> Path:
     return path
 
 
-def make_samples(directory: str | Path) -> list[Path]:
+def make_images(directory: str | Path, count: int = 3, *, start: int = 0) -> list[Path]:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    shapes = [(768, 1024, "JPEG"), (480, 640, "PNG"), (900, 600, "WEBP")]
     files = []
-    for index, (height, width, fmt) in enumerate([(768, 1024, "JPEG"), (480, 640, "PNG"), (900, 600, "WEBP")]):
+    for index in range(start, start + count):
+        height, width, fmt = shapes[index % len(shapes)]
         path = directory / f"image_{index}.{fmt.lower().replace('jpeg', 'jpg')}"
         _gradient(height, width, seed=index).save(path, fmt)
         files.append(path)
+    return files
+
+
+def make_samples(directory: str | Path) -> list[Path]:
+    """Three images, a spoken clip and a three-page PDF, side by side in one directory."""
+    directory = Path(directory)
+    files = make_images(directory)
     files.append(speech(directory / "speech.wav"))
     files.append(document(directory / "report.pdf"))
     return files

@@ -171,6 +171,8 @@ def build(job: JobSpec, dataset, done_ref):
     prepare_compute = ray.data.TaskPoolStrategy(size=resources.prepare_concurrency) if resources.prepare_concurrency else None
     # Remote args given as a function keep Ray from fusing Prepare into the model actors: tokenization runs in
     # its own CPU tasks and overlaps with generation.
+    # Small input blocks let many CPU tasks prepare in parallel and hand units to the model as they are ready.
+    dataset = dataset.repartition(target_num_rows_per_block=resources.items_per_prepare_task)
     prepared = dataset.map_batches(
         Prepare(job, done_ref), batch_size=1, compute=prepare_compute, ray_remote_args_fn=lambda: {"num_cpus": 1}
     )

@@ -6,7 +6,7 @@ both places. Every field has a description and a bound; validation happens once,
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -38,7 +38,7 @@ class ModelSpec(Strict):
         description="MTP drafter for speculative decoding: `auto` (the preset's or tiny's own), `none`, or a "
         "directory / id / URL like `name`.",
     )
-    storage_options: dict[str, str] = Field(
+    storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for a model held in object storage (endpoint_url, ...)."
     )
 
@@ -92,10 +92,10 @@ class InputSpec(Strict):
     url: str = Field(..., min_length=1, max_length=4096, description="Directory, glob, tar shard(s) or manifest URL.")
     format: Literal["auto", "files", "tar", "manifest"] = Field(
         "auto",
-        description="auto: a .parquet/.jsonl/.csv file is a manifest, *.tar shards are WebDataset, anything else "
-        "is a directory or glob of media files.",
+        description="auto: a .parquet/.jsonl/.csv file is a manifest; in a directory or glob, .tar files are "
+        "WebDataset shards and media files are items. files / tar / manifest force one reading.",
     )
-    storage_options: dict[str, str] = Field(default_factory=dict, description="fsspec options (endpoint_url, ...).")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (endpoint_url, ...).")
 
 
 class TaskSpec(Strict):
@@ -129,13 +129,16 @@ class ResourcesSpec(Strict):
         default_factory=dict, description="Custom Ray resources per model actor (e.g. a node label)."
     )
     prepare_concurrency: int | None = Field(None, ge=1, le=100_000, description="Parallel CPU prepare tasks.")
+    items_per_prepare_task: int = Field(
+        4, ge=1, le=10_000, description="Items per CPU prepare task: small keeps results streaming to the model."
+    )
     num_cpus: int | None = Field(None, ge=1, le=100_000, description="CPUs for a local Ray instance.")
     object_store_mb: int = Field(1024, ge=64, le=1_000_000, description="Object store size of a local Ray instance.")
 
 
 class OutputSpec(Strict):
     url: str = Field(..., min_length=1, max_length=4096, description="Where results/, errors/ and _job.json go.")
-    storage_options: dict[str, str] = Field(default_factory=dict, description="fsspec options for the output.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the output.")
     retry_failed: bool = Field(True, description="On rerun, retry items recorded in errors/.")
 
 

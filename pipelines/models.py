@@ -4,6 +4,7 @@ or object storage (mirrored once per node to local disk, under a lock, so N acto
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -138,14 +139,14 @@ def resolve(spec: ModelSpec | str) -> ResolvedModel:
 def load_tokenizer(model: ModelSpec | str = TINY):
     """The model's own tokenizer (with its chat template), loaded once per process."""
     spec = ModelSpec(name=model) if isinstance(model, str) else model
-    return _tokenizer(spec.name, tuple(sorted(spec.storage_options.items())))
+    return _tokenizer(spec.name, json.dumps(spec.storage_options, sort_keys=True))
 
 
 @lru_cache(maxsize=4)
-def _tokenizer(name: str, storage_options: tuple):
+def _tokenizer(name: str, storage_options: str):
     from transformers import AutoTokenizer
 
-    path = resolve(ModelSpec(name=name, storage_options=dict(storage_options))).path
+    path = resolve(ModelSpec(name=name, storage_options=json.loads(storage_options))).path
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:

@@ -51,9 +51,9 @@ def detect_format(spec: InputSpec) -> str:
     path = spec.url.split("?")[0].lower()
     if path.endswith(MANIFEST_SUFFIXES):
         return "manifest"
-    if path.endswith(".tar") or path.endswith(".tar}") or ".tar" in posixpath.basename(path):
+    if path.endswith(".tar") or path.endswith(".tar}"):
         return "tar"
-    return "files"
+    return "auto"  # a directory or glob: .tar members are shards, media files are items
 
 
 def _protocol_prefix(fs, url: str) -> str:
@@ -86,12 +86,11 @@ def iter_listing(spec: InputSpec) -> Iterator[dict]:
         base, paths = root.rstrip("/"), _walk_files(fs, root.rstrip("/"))
     for path in paths:
         suffix = posixpath.splitext(path)[1].lower()
-        if kind == "tar" and suffix != ".tar":
-            continue
-        if kind == "files" and suffix not in MEDIA_SUFFIXES and suffix:
+        is_shard = suffix == ".tar" and kind != "files"
+        if not is_shard and (kind == "tar" or (suffix and suffix not in MEDIA_SUFFIXES)):
             continue
         relative = posixpath.relpath(path, base) if base else path
-        yield {"id": relative, "uri": prefix + path, "kind": "tar" if kind == "tar" else "file"}
+        yield {"id": relative, "uri": prefix + path, "kind": "tar" if is_shard else "file"}
 
 
 def _walk_files(fs, root: str) -> Iterator[str]:

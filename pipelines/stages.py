@@ -185,8 +185,11 @@ def _done_ids(ref) -> np.ndarray:
 
 
 def _scalar(value):
+    """A numpy batch cell as a plain Python value; all-null Arrow columns arrive as NaN, which means None."""
     if isinstance(value, np.generic):
-        return value.item()
+        value = value.item()
+    if isinstance(value, float) and value != value:
+        return None
     return value
 
 

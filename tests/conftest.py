@@ -24,7 +24,7 @@ def _isolated_cache(tmp_path_factory):
 def tiny_dir(_isolated_cache):
     from pipelines.models import tiny_dir as build
 
-    return build()
+    return build()  # processor files, weights and the MTP assistant
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +39,60 @@ def tokenizer(tiny_dir):
     from pipelines.models import load_tokenizer
 
     return load_tokenizer("tiny")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's server mode) on loopback, for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_env(s3_server):
+    """Credentials and endpoint through the standard variables, set before Ray starts so every worker sees them."""
+    values = {
+        "AWS_ENDPOINT_URL": s3_server,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    previous = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    yield values
+    for key, value in previous.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tiny_dir, s3_env):
+    """One local Ray instance for the whole test session, sized for a 2-core machine."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            object_store_memory=400 * 1024 * 1024,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"GEMMA_UNIFIED_CACHE": os.environ["GEMMA_UNIFIED_CACHE"], **s3_env}},
+        )
+    yield ray
+    ray.shutdown()

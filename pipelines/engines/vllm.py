@@ -73,11 +73,16 @@ class VLLMEngine:
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
 
-            self._async = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
-            # AsyncLLM binds its output task to the loop of its first request: give it a loop of its own.
+            # AsyncLLM binds its output task to the running loop (at construction, or at the first request):
+            # give it a loop of its own, so callers on any thread or loop can use it.
             self._loop = asyncio.new_event_loop()
             self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine-loop", daemon=True)
             self._thread.start()
+
+            async def start():
+                return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+
+            self._async = self._submit(start()).result()
         else:
             self._llm = vllm.LLM(**kwargs)
         self.load_s = time.perf_counter() - started

@@ -10,8 +10,8 @@ Images: a prepared image is already resized to its 48-px grid, but only about tw
 points of the resize rule (flooring both sides leaves budget unused, so a second pass grows the image). When the
 rebuilt image is a fixed point it goes to vLLM unchanged and vLLM's patches are bit-identical to ours. Otherwise it
 is resampled to a "pre-image" size whose aspect ratio makes the rule land on exactly the prepared grid, so vLLM's one
-resize brings it back: same grid, positions and token count, at the cost of one extra resample (a slight blur,
-mean error about 1-2/255). The exact alternative would be to ship the decoded image instead of patches.
+resize brings it back: same grid, positions and token count, at the cost of a resampling round trip (a slight
+blur: mean error about 0.1/255 on smooth images, 1-3/255 on noisy ones). Exact would be shipping the decoded image.
 """
 
 from __future__ import annotations
@@ -67,14 +67,18 @@ def vllm_image_size(height: int, width: int, max_soft_tokens: int) -> tuple[int,
     return th, tw
 
 
+def _lands_on(size: tuple[int, int], grid_size: tuple[int, int], max_soft_tokens: int) -> bool:
+    try:
+        resized = target_size(*size, max_soft_tokens)
+    except InvalidRequest:  # a size too thin for any grid
+        return False
+    return resized == grid_size and vllm_image_size(*size, max_soft_tokens) == grid_size
+
+
 def is_fixed_point(height: int, width: int, max_soft_tokens: int) -> bool:
     """True when neither transformers' resize rule nor vLLM's token arithmetic would change this size."""
     size = (height, width)
-    return target_size(height, width, max_soft_tokens) == size and vllm_image_size(height, width, max_soft_tokens) == size
-
-
-def _lands_on(size: tuple[int, int], grid_size: tuple[int, int], max_soft_tokens: int) -> bool:
-    return target_size(*size, max_soft_tokens) == grid_size and vllm_image_size(*size, max_soft_tokens) == grid_size
+    return _lands_on(size, size, max_soft_tokens)
 
 
 def stable_size_for_vllm(height: int, width: int, max_soft_tokens: int) -> tuple[int, int] | None:
@@ -320,7 +324,10 @@ def engine_kwargs(
         # Also sizes vLLM's encoder-cache profiling for this budget.
         kwargs["mm_processor_kwargs"] = {"max_soft_tokens": max_soft_tokens}
     if engine.speculative and assistant_dir is not None:
-        kwargs["speculative_config"] = {"model": str(assistant_dir), "num_speculative_tokens": engine.num_speculative_tokens}
+        kwargs["speculative_config"] = {
+            "model": str(assistant_dir),
+            "num_speculative_tokens": engine.num_speculative_tokens,
+        }
         kwargs["disable_log_stats"] = False  # the draft/accept counters live in the engine's stats
     return kwargs
 
