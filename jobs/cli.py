@@ -122,6 +122,18 @@ def run(
         raise typer.Exit(code=1)
 
 
+@app.command("make-tiny-model")
+def make_tiny_model(
+    directory: Path = typer.Argument(..., help="Where to write the checkpoint (created if missing)."),
+    seed: int = typer.Option(0, help="Random seed: the same seed gives the same weights."),
+) -> None:
+    """Write the tiny random Gemma 4 Unified checkpoint (model, MTP assistant, tokenizer, processor) to DIRECTORY."""
+    from pipelines.engines.tiny import build_tiny_model
+
+    path = build_tiny_model(directory, seed=seed)
+    console.print(f"tiny Gemma 4 Unified written to {path} (assistant in {path / 'assistant'})")
+
+
 @app.command()
 def demo(
     directory: Optional[Path] = typer.Option(None, help="Where to write sample media and outputs (a temp dir by default)."),

@@ -149,7 +149,7 @@ class VLLMEngine:
             id=request.id,
             text=text,
             finish_reason=finish,
-            prompt_tokens=len(prompt_ids) if prompt_ids else request.prompt_tokens,
+            prompt_tokens=len(prompt_ids) if prompt_ids is not None else request.prompt_tokens,
             image_tokens=request.image_tokens,
             audio_tokens=request.audio_tokens,
             output_tokens=len(ids),

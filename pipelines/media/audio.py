@@ -99,9 +99,10 @@ class _Sink:
         """block: float32 [n, channels]."""
         self.read += len(block)
         self.check_frames(self.read)
+        mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else np.ascontiguousarray(block[:, 0])
         # Float files may hold NaN, inf or values far outside [-1, 1]; clean them before the filter spreads them.
-        block = np.clip(np.nan_to_num(block, nan=0.0), -1.0, 1.0)
-        mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]
+        np.nan_to_num(mono, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
+        np.clip(mono, -1.0, 1.0, out=mono)
         self._emit(mono if self.stream is None else self.stream.resample_chunk(mono, last=False))
 
     def finish(self) -> DecodedAudio:

@@ -27,6 +27,8 @@ DEFAULT_MAX_PIXELS = 100_000_000
 _TEACHER_PATCH = 16
 _POOLING = 3
 
+_ORIENTATION = 0x0112
+
 # Pillow's own bomb check warns or raises at its own thresholds; ours runs first with the configured limit.
 Image.MAX_IMAGE_PIXELS = None
 
@@ -96,7 +98,8 @@ def decode_image(data: bytes, *, item: str | None = None, max_pixels: int = DEFA
             if width == 0 or height == 0:
                 raise DecodeError("image has zero width or height", item=item)
             image.load()
-            image = ImageOps.exif_transpose(image)
+            if image.getexif().get(_ORIENTATION, 1) != 1:  # exif_transpose copies even when nothing turns
+                image = ImageOps.exif_transpose(image)
             return _to_rgb_array(image)
     except (LimitExceeded, DecodeError):
         raise
@@ -120,7 +123,9 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    return np.array(image.convert("RGB"))
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image)  # one copy out of Pillow; read-only, and nothing downstream writes to it
 
 
 def resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -132,7 +137,9 @@ def resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     # HWC memory viewed as NCHW is channels-last, the layout torch's fast uint8 antialias kernel works in;
     # writing into a channels-last output keeps it there (interpolate() would return NCHW and cost a copy).
     height, width = size
-    nchw = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only input: the kernel only reads it
+        nchw = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0)
     out = torch.empty((1, height, width, 3), dtype=torch.uint8)
     torch.ops.aten._upsample_bicubic2d_aa.out(nchw, [height, width], False, None, None, out=out.permute(0, 3, 1, 2))
     return out[0].numpy()
