@@ -14,8 +14,7 @@ import sys
 
 # Run as a script, this file's folder leads sys.path and its name would shadow the standard library's tokenize.
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path[0] = os.path.dirname(sys.path[0])
 
 import argparse
 import io

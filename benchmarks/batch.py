@@ -1,0 +1,158 @@
+"""End-to-end batch throughput on the tiny model, beside a bare single-process loop, and driver memory vs input size.
+
+    python benchmarks/batch.py [--items 300] [--memory-items 300 3000]
+
+The bare loop reads, prepares and generates the same items in one process (batches of 8, all cores to torch). The
+pipeline runs the real Ray Data job (CPU prepare tasks overlapping one model actor). Items/s are reported with and
+without Ray's start-up. Driver memory is the peak RSS growth of this process while a job over N objects runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# This folder holds tokenize.py, which would shadow the standard library's module: run from the repo root instead.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path[0] = os.path.dirname(sys.path[0])
+
+import argparse
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+from pipelines.config import InputSpec, JobSpec, MediaSpec, OutputSpec, ResourcesSpec, TaskSpec
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * PAGE
+
+
+class PeakRss:
+    def __enter__(self):
+        self.baseline, self.peak, self._running = rss(), rss(), True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self._running:
+            self.peak = max(self.peak, rss())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc) -> None:
+        self._running = False
+        self._thread.join()
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.baseline) / 2**20
+
+
+def make_images(directory: Path, count: int, size: tuple[int, int]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(directory / f"img_{index:06d}.jpg", quality=85)
+
+
+def bare_loop(directory: Path, task: TaskSpec, media: MediaSpec, batch: int) -> tuple[float, int]:
+    import torch
+
+    from pipelines.config import EngineSpec
+    from pipelines.engines.base import SamplingParams
+    from pipelines.engines.transformers import TransformersEngine
+    from pipelines.models import resolve
+    from pipelines.prepare import prepare_item
+    from pipelines.prompts import Task, TaskOptions
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    engine = TransformersEngine(resolve("tiny"), EngineSpec(speculative=False, max_batch_size=batch))
+    options, sampling = TaskOptions(task=Task(task.task)), SamplingParams(max_new_tokens=task.max_new_tokens)
+    files = sorted(directory.iterdir())
+    started = time.perf_counter()
+    for start in range(0, len(files), batch):
+        requests = []
+        for path in files[start : start + batch]:
+            requests += prepare_item(path.read_bytes(), item_id=path.name, name=path.name, tokenizer=engine.tokenizer,
+                                     options=options, limits=media.limits(), sampling=sampling).requests
+        engine.generate(requests)
+    return time.perf_counter() - started, len(files)
+
+
+def pipeline(directory: Path, output: Path, task: TaskSpec, media: MediaSpec, batch: int):
+    from pipelines.batch import run
+
+    shutil.rmtree(output, ignore_errors=True)
+    job = JobSpec(
+        input=InputSpec(url=str(directory)),
+        task=task,
+        media=media,
+        engine={"speculative": False, "max_batch_size": batch},
+        resources=ResourcesSpec(batch_size=batch, num_cpus=os.cpu_count(), object_store_mb=1024),
+        output=OutputSpec(url=str(output)),
+    )
+    with PeakRss() as memory:
+        summary = run(job, progress=False)
+    return summary, memory.growth_mb
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=300)
+    parser.add_argument("--memory-items", type=int, nargs=2, default=[300, 3000])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    args = parser.parse_args()
+    console = Console()
+    root = Path(tempfile.mkdtemp(prefix="gemma-unified-bench-"))
+    task = TaskSpec(task="caption", max_new_tokens=args.new_tokens)
+    media = MediaSpec(max_soft_tokens=70)
+    try:
+        make_images(root / "items", args.items, (480, 640))
+        bare_s, count = bare_loop(root / "items", task, media, args.batch)
+        summary, _ = pipeline(root / "items", root / "out", task, media, args.batch)
+        assert summary.succeeded == count, summary
+
+        table = Table(title=f"Batch pipeline vs bare loop: {count} JPEG 640x480 captions, tiny model, "
+                            f"{args.new_tokens} new tokens, {os.cpu_count()} cores")
+        for column in ("run", "wall s", "items/s", "vs bare loop"):
+            table.add_column(column, justify="right")
+        bare_rate = count / bare_s
+        run_s = summary.timings["run_s"]
+        table.add_row("bare loop (one process)", f"{bare_s:.1f}", f"{bare_rate:.2f}", "1.00x")
+        table.add_row("pipeline, excluding Ray start-up and listing", f"{run_s:.1f}", f"{count / run_s:.2f}",
+                      f"{count / run_s / bare_rate:.2f}x")
+        table.add_row("pipeline, whole job", f"{summary.wall_s:.1f}", f"{count / summary.wall_s:.2f}",
+                      f"{count / summary.wall_s / bare_rate:.2f}x")
+        console.print(table)
+
+        memory = Table(title="Driver memory as the input grows (1 new token, 70-token images, 96x96 JPEGs)")
+        for column in ("input objects", "driver peak RSS growth MB", "wall s"):
+            memory.add_column(column, justify="right")
+        small = TaskSpec(task="caption", max_new_tokens=1)
+        for count in args.memory_items:
+            folder = root / f"memory-{count}"
+            make_images(folder, count, (96, 96))
+            result, growth = pipeline(folder, root / f"memory-out-{count}", small, media, 64)
+            assert result.succeeded == count, result
+            memory.add_row(str(count), f"{growth:.0f}", f"{result.wall_s:.1f}")
+            shutil.rmtree(folder)
+        console.print(memory)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
