@@ -30,6 +30,9 @@ def cache_root() -> Path:
 
 
 def _build_once(directory: Path, build) -> Path:
+    """Build into a staging folder and move it into place, under a lock: a crash never leaves a half model."""
+    import shutil
+
     from filelock import FileLock
 
     marker = directory / ".complete"
@@ -38,7 +41,11 @@ def _build_once(directory: Path, build) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(directory) + ".lock"):
         if not marker.exists():
-            build(directory)
+            staging = directory.with_name(directory.name + ".partial")
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(directory, ignore_errors=True)
+            build(staging)
+            staging.rename(directory)
             marker.touch()
     return directory
 

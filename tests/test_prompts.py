@@ -93,3 +93,20 @@ def test_strip_thinking_and_parse_translation():
     assert parse_translation("Bonjour le monde\nEnglish: Hello world", "English") == ("Bonjour le monde", "Hello world")
     assert parse_translation("Bonjour\nHello", "English") == ("Bonjour", "Hello")
     assert parse_translation("Bonjour", "English") == ("Bonjour", "")
+
+
+def test_audio_prompt_matches_transformers_processor(hf_processor, tokenizer):
+    import soundfile as sf
+
+    rate = 16_000
+    wave = (0.2 * np.sin(2 * np.pi * 200 * np.arange(int(rate * 2.345)) / rate)).astype(np.float32)
+    buffer = io.BytesIO()
+    sf.write(buffer, wave, rate, format="WAV", subtype="FLOAT")
+    options = TaskOptions(task=Task.transcribe, language="English")
+    (request,) = prepare_item(buffer.getvalue(), item_id="a", name="a.wav", tokenizer=tokenizer, options=options).requests
+    text = render(tokenizer, build_messages(options, ["audio"]))
+    expected = hf_processor(text=text, audio=[wave], add_special_tokens=False, return_tensors="pt")
+    assert request.prompt_token_ids.tolist() == expected["input_ids"][0].tolist()
+    assert request.mm_token_type_ids.tolist() == expected["mm_token_type_ids"][0].tolist()
+    assert (request.mm_token_type_ids == AUDIO_TYPE).sum() == request.audio_tokens == int(np.ceil(len(wave) / 640))
+    assert np.array_equal(request.audio_frames[0], expected["input_features"][0].numpy())

@@ -149,3 +149,20 @@ def test_tiny_model_is_deterministic_for_a_seed(tmp_path):
     assert a.keys() == b.keys()
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert any(not np.array_equal(a[k], c[k]) for k in a)
+
+
+def test_stream_yields_the_same_text_as_generate(plain_engine, tokenizer):
+    import asyncio
+
+    (request,) = _requests(tokenizer, b"x", TaskOptions(task=Task.prompt, prompt="Stream a few words."),
+                           sampling=SamplingParams(max_new_tokens=20))
+    result = plain_engine.generate([request])[0]
+
+    async def collect():
+        return [chunk async for chunk in plain_engine.stream(request)]
+
+    chunks = asyncio.run(collect())
+    assert len(chunks) >= 1
+    thinking = {tokenizer.convert_tokens_to_ids("<|channel>"), tokenizer.convert_tokens_to_ids("<channel|>")}
+    if not thinking & set(result.output_token_ids):
+        assert "".join(chunks).strip() == result.text

@@ -1,0 +1,226 @@
+"""The endpoint's small parts on their own: SSRF guard, media URLs, micro-batching, stop strings, auth, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import httpcore
+import pytest
+
+from pipelines.errors import DecodeError, InvalidRequest, LimitExceeded
+from serving.auth import Authenticator, configured_digests
+from serving.batcher import MicroBatcher
+from serving.errors import APIError, from_item_error
+from serving.media_sources import MediaFetcher, decode_data_url
+from serving.spec import RemoteMediaSpec
+from serving.stops import StopScanner
+from serving.url_guard import ForbiddenURL, PublicOnlyBackend, host_allowed, is_public_address
+
+# ---- SSRF guard ----
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0", "100.64.0.1",
+     "224.0.0.1", "255.255.255.255", "::1", "::", "fe80::1", "fc00::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1",
+     "2002:7f00:1::", "64:ff9b::a9fe:a9fe", "ff02::1"],
+)
+def test_non_public_addresses_are_refused(address):
+    assert not is_public_address(address)
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8"])
+def test_public_addresses_pass(address):
+    assert is_public_address(address)
+
+
+def test_allow_list_matching():
+    allow = ["images.example.com", "*.cdn.example.org", "[::1]", "203.0.113.7"]
+    assert host_allowed("IMAGES.example.com.", allow)
+    assert host_allowed("a.b.cdn.example.org", allow)
+    assert not host_allowed("cdn.example.org", allow)
+    assert not host_allowed("evilcdn.example.org", allow)
+    assert not host_allowed("images.example.com.evil.net", allow)
+    assert host_allowed("::1", allow)
+    assert host_allowed("203.0.113.7", allow)
+
+
+class _RecordingBackend(httpcore.AsyncNetworkBackend):
+    def __init__(self) -> None:
+        self.connected: list[str] = []
+
+    async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        self.connected.append(host)
+        raise httpcore.ConnectError("recorded, not connected")
+
+    async def sleep(self, seconds):
+        await asyncio.sleep(seconds)
+
+
+def _resolver(*answers: list[str]):
+    calls = iter(answers)
+
+    async def resolve(host, port):
+        return next(calls)
+
+    return resolve
+
+
+def test_backend_refuses_a_host_with_any_private_address():
+    inner = _RecordingBackend()
+    backend = PublicOnlyBackend(resolver=_resolver(["93.184.216.34", "10.0.0.5"]), inner=inner)
+    with pytest.raises(ForbiddenURL, match="10.0.0.5"):
+        asyncio.run(backend.connect_tcp("media.example.com", 80))
+    assert inner.connected == []
+
+
+def test_backend_connects_to_the_address_it_checked():
+    # A rebinding resolver would answer 127.0.0.1 the second time: there is no second time.
+    inner = _RecordingBackend()
+    backend = PublicOnlyBackend(resolver=_resolver(["93.184.216.34"], ["127.0.0.1"]), inner=inner)
+    with pytest.raises(httpcore.ConnectError):
+        asyncio.run(backend.connect_tcp("media.example.com", 80))
+    assert inner.connected == ["93.184.216.34"]
+
+
+# ---- media URLs ----
+
+
+def test_data_urls():
+    assert decode_data_url("data:image/png;base64," + base64.b64encode(b"abc").decode(), max_bytes=10) == b"abc"
+    assert decode_data_url("data:,a%20b", max_bytes=10) == b"a b"
+    with pytest.raises(InvalidRequest, match="base64"):
+        decode_data_url("data:image/png;base64,@@@", max_bytes=10)
+    with pytest.raises(LimitExceeded):
+        decode_data_url("data:;base64," + base64.b64encode(b"x" * 100).decode(), max_bytes=10)
+
+
+def _fetch(spec: RemoteMediaSpec, url: str) -> bytes:
+    async def run():
+        fetcher = MediaFetcher(spec)
+        try:
+            return await fetcher.fetch(url)
+        finally:
+            await fetcher.close()
+
+    return asyncio.run(run())
+
+
+def test_http_fetch_needs_the_allow_list(media_server):
+    url = f"http://127.0.0.1:{media_server.port}/image.png"
+    with pytest.raises(ForbiddenURL, match="allow-list"):
+        _fetch(RemoteMediaSpec(), url)
+    with pytest.raises(ForbiddenURL, match="non-public"):
+        _fetch(RemoteMediaSpec(http_allow_list=["127.0.0.1"]), url)
+
+
+def test_http_fetch_when_private_networks_are_trusted(media_server, sample_png):
+    spec = RemoteMediaSpec(http_allow_list=["localhost"], allow_private_networks=True)
+    assert _fetch(spec, f"http://localhost:{media_server.port}/redirect") == sample_png
+    with pytest.raises(LimitExceeded):
+        _fetch(spec.model_copy(update={"max_fetch_bytes": 1024}), f"http://localhost:{media_server.port}/image.png")
+
+
+def test_redirects_are_checked_hop_by_hop(media_server):
+    spec = RemoteMediaSpec(http_allow_list=["localhost"], allow_private_networks=True, max_redirects=0)
+    with pytest.raises(InvalidRequest, match="redirects"):
+        _fetch(spec, f"http://localhost:{media_server.port}/redirect")
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.com/a.png", "s3://bucket/a.png", "a.png"])
+def test_other_schemes_are_refused(url):
+    with pytest.raises(ForbiddenURL):
+        _fetch(RemoteMediaSpec(), url)
+
+
+def test_object_storage_through_fsspec(tmp_path, sample_png):
+    import fsspec
+
+    with fsspec.open("memory://bucket/a.png", "wb") as handle:
+        handle.write(sample_png)
+    fetcher = MediaFetcher(RemoteMediaSpec(allow_object_storage=True))
+    assert fetcher._fetch_object("memory://bucket/a.png") == sample_png
+    with pytest.raises(InvalidRequest, match="does not exist"):
+        fetcher._fetch_object("memory://bucket/missing.png")
+
+
+# ---- micro-batching ----
+
+
+def test_batcher_runs_a_lone_request_at_once_and_batches_what_waits():
+    sizes: list[int] = []
+
+    async def run(items):
+        sizes.append(len(items))
+        await asyncio.sleep(0.05)
+        return [i * 10 if i != 3 else ValueError("bad item") for i in items]
+
+    async def scenario():
+        batcher = MicroBatcher(run, max_batch_size=4)
+        first = await batcher.submit(1)
+        assert (first.value, first.batch_size) == (10, 1)
+        outcomes = await asyncio.gather(*(batcher.submit(i) for i in range(10)), return_exceptions=True)
+        return outcomes
+
+    outcomes = asyncio.run(scenario())
+    assert isinstance(outcomes[3], ValueError)
+    assert [o.value for i, o in enumerate(outcomes) if i != 3] == [0, 10, 20, 40, 50, 60, 70, 80, 90]
+    assert sizes[0] == 1 and max(sizes) == 4 and sum(sizes) == 11
+
+
+def test_batcher_bounded_wait_collects_stragglers():
+    sizes: list[int] = []
+
+    async def run(items):
+        sizes.append(len(items))
+        return items
+
+    async def scenario():
+        batcher = MicroBatcher(run, max_batch_size=8, max_wait_s=0.2)
+
+        async def later(i):
+            await asyncio.sleep(0.02 * i)
+            return await batcher.submit(i)
+
+        return await asyncio.gather(*(later(i) for i in range(4)))
+
+    asyncio.run(scenario())
+    assert sizes == [4]
+
+
+# ---- stop strings over deltas ----
+
+
+def test_stop_string_split_across_deltas():
+    scanner = StopScanner(("STOP",))
+    out = [scanner.push(d) for d in ["hello S", "T", "OP and more"]] + [scanner.flush()]
+    assert "".join(out) == "hello "
+    assert scanner.stopped
+
+
+def test_no_stop_passes_everything_through():
+    scanner = StopScanner(("zz",))
+    assert "".join([scanner.push("abc"), scanner.push("z"), scanner.push("y"), scanner.flush()]) == "abczy"
+
+
+# ---- auth and errors ----
+
+
+def test_api_keys_from_spec_and_environment():
+    digests = configured_digests(["spec-key"], {"GEMMA_UNIFIED_API_KEYS": " env-a, env-b ,"})
+    auth = Authenticator(digests)
+    for key in ("spec-key", "env-a", "env-b"):
+        auth.check(f"Bearer {key}")
+    for header in (None, "", "Bearer", "Basic env-a", "Bearer wrong"):
+        with pytest.raises(APIError) as info:
+            auth.check(header)
+        assert info.value.status == 401
+    Authenticator([]).check(None)  # no keys configured: open
+
+
+def test_item_errors_keep_their_status():
+    assert from_item_error(LimitExceeded("too big")).status == 413
+    error = from_item_error(DecodeError("not an image"), "messages.0.content.1")
+    assert error.status == 400 and error.body()["error"]["param"] == "messages.0.content.1"
+    assert from_item_error(ForbiddenURL("no")).body()["error"]["code"] == "url_not_allowed"
