@@ -108,7 +108,9 @@ class PromptTokens:
 
 
 @dataclass(frozen=True)
-class _SpecialIds:
+class MediaMarkers:
+    """Ids of the soft-token placeholders and their begin/end markers, read from the model's tokenizer."""
+
     image: int
     boi: int
     eoi: int
@@ -118,8 +120,8 @@ class _SpecialIds:
 
 
 @lru_cache(maxsize=8)
-def _special_ids(tokenizer) -> _SpecialIds:
-    return _SpecialIds(
+def media_markers(tokenizer) -> MediaMarkers:
+    return MediaMarkers(
         image=tokenizer.image_token_id,
         boi=tokenizer.boi_token_id,
         eoi=tokenizer.eoi_token_id,
@@ -144,7 +146,7 @@ def tokenize(
 ) -> PromptTokens:
     """Render, tokenize (the template writes <bos> itself) and expand the i-th placeholder to media_tokens[i]."""
     ids = tokenizer(render(tokenizer, messages, thinking=thinking), add_special_tokens=False)["input_ids"]
-    special = _special_ids(tokenizer)
+    special = media_markers(tokenizer)
     out_ids: list[int] = []
     out_types: list[int] = []
     media = iter(media_tokens)

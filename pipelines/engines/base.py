@@ -68,6 +68,19 @@ class GenerationResult:
     spec_accepted: int | None = None  # ... and accepted by the target
 
 
+def check_fits(request: PreparedRequest, max_model_len: int) -> None:
+    """Refuse a request whose prompt plus output cannot fit the model's context, naming the request."""
+    from pipelines.errors import InvalidRequest
+
+    if request.prompt_tokens + request.sampling.max_new_tokens > max_model_len:
+        raise InvalidRequest(
+            f"prompt ({request.prompt_tokens}) plus max_new_tokens ({request.sampling.max_new_tokens}) "
+            f"exceeds max_model_len {max_model_len}",
+            item=request.id,
+            stage="generate",
+        )
+
+
 class Engine(Protocol):
     def generate(self, requests: list[PreparedRequest]) -> list[GenerationResult]: ...
 

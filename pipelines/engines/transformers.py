@@ -18,8 +18,8 @@ from typing import AsyncIterator
 import numpy as np
 
 from pipelines.config import EngineSpec
-from pipelines.engines.base import GenerationResult, PreparedRequest, SamplingParams
-from pipelines.errors import InvalidRequest, ModelSourceError
+from pipelines.engines.base import GenerationResult, PreparedRequest, SamplingParams, check_fits
+from pipelines.errors import ModelSourceError
 from pipelines.models import ResolvedModel
 from pipelines.prompts import strip_thinking
 
@@ -94,13 +94,7 @@ class TransformersEngine:
     def generate(self, requests: list[PreparedRequest]) -> list[GenerationResult]:
         results: dict[str, GenerationResult] = {}
         for request in requests:
-            if request.prompt_tokens + request.sampling.max_new_tokens > self.spec.max_model_len:
-                raise InvalidRequest(
-                    f"prompt ({request.prompt_tokens}) plus max_new_tokens ({request.sampling.max_new_tokens}) "
-                    f"exceeds max_model_len {self.spec.max_model_len}",
-                    item=request.id,
-                    stage="generate",
-                )
+            check_fits(request, self.spec.max_model_len)
         speculative = self.assistant is not None
         ordered = sorted(requests, key=lambda r: (_sampling_key(r.sampling), r.prompt_tokens))
         with self._lock:

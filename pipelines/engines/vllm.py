@@ -19,7 +19,7 @@ import uuid
 from typing import AsyncIterator
 
 from pipelines.config import EngineSpec
-from pipelines.engines.base import GenerationResult, PreparedRequest
+from pipelines.engines.base import GenerationResult, PreparedRequest, check_fits
 from pipelines.engines.vllm_inputs import (
     VLLM_EXTRA,
     TextStream,
@@ -29,7 +29,7 @@ from pipelines.engines.vllm_inputs import (
     to_vllm_prompt,
     to_vllm_sampling_kwargs,
 )
-from pipelines.errors import InvalidRequest, ItemError, ModelSourceError
+from pipelines.errors import ItemError, ModelSourceError
 from pipelines.models import ResolvedModel
 
 _DRAFTED = "vllm:spec_decode_num_draft_tokens"
@@ -91,13 +91,7 @@ class VLLMEngine:
     # ---- inputs ----
 
     def _inputs(self, request: PreparedRequest, **extra) -> tuple[dict, object]:
-        if request.prompt_tokens + request.sampling.max_new_tokens > self.spec.max_model_len:
-            raise InvalidRequest(
-                f"prompt ({request.prompt_tokens}) plus max_new_tokens ({request.sampling.max_new_tokens}) "
-                f"exceeds max_model_len {self.spec.max_model_len}",
-                item=request.id,
-                stage="generate",
-            )
+        check_fits(request, self.spec.max_model_len)
         prompt = to_vllm_prompt(request, self.tokenizer, self.max_soft_tokens)
         params = self._vllm.SamplingParams(**to_vllm_sampling_kwargs(request.sampling, self.stop_ids), **extra)
         return prompt, params

@@ -26,7 +26,7 @@ from pipelines.config import EngineSpec
 from pipelines.engines.base import PreparedRequest, SamplingParams
 from pipelines.errors import InvalidRequest, LimitExceeded
 from pipelines.media.image import PATCH, PATCH_DIM, SUPPORTED_SOFT_TOKENS, resize, target_size
-from pipelines.prompts import strip_thinking
+from pipelines.prompts import media_markers, strip_thinking
 
 SAMPLE_RATE = 16_000
 SAMPLES_PER_TOKEN = 640
@@ -166,33 +166,12 @@ def audio_for_vllm(frames: np.ndarray) -> tuple[np.ndarray, int]:
 # ---- prompts ----
 
 
-@dataclass(frozen=True)
-class _Markers:
-    boi: int
-    image: int
-    eoi: int
-    boa: int
-    audio: int
-    eoa: int
-
-
-def _markers(tokenizer) -> _Markers:
-    return _Markers(
-        boi=tokenizer.boi_token_id,
-        image=tokenizer.image_token_id,
-        eoi=tokenizer.eoi_token_id,
-        boa=tokenizer.boa_token_id,
-        audio=tokenizer.audio_token_id,
-        eoa=tokenizer.eoa_token_id,
-    )
-
-
 def collapse_placeholders(
     ids: list[int], tokenizer, image_tokens: list[int], audio_tokens: list[int]
 ) -> list[int]:
     """Undo the placeholder expansion: each `begin + soft x N + end` run becomes the single soft token vLLM's
     processor looks for. Run lengths are checked against the media, in prompt order."""
-    m = _markers(tokenizer)
+    m = media_markers(tokenizer)
     runs = {m.boi: (m.image, m.eoi, iter(image_tokens), "image"), m.boa: (m.audio, m.eoa, iter(audio_tokens), "audio")}
     out: list[int] = []
     index, n = 0, len(ids)
