@@ -145,6 +145,14 @@ def demo(
     run_demo(directory, model, console)
 
 
+from jobs.cluster_cli import jobs_app, submit  # noqa: E402  (sub-commands live beside their logic)
+from jobs.schedule_cli import schedule_app  # noqa: E402
+
+app.command()(submit)
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(schedule_app, name="schedule")
+
+
 def main() -> None:
     app()
 

@@ -63,8 +63,10 @@ def read_counts(run: Run, job: JobSpec) -> dict:
         return {}
     this_run = manifest.get("this_run") or {}
     finished = manifest.get("finished_at")
-    if manifest.get("status") != "complete" or not this_run or not finished or (run.started_at and datetime.fromisoformat(finished) < run.started_at):
+    if manifest.get("status") != "complete" or not this_run or not finished:
         return {}
+    if run.started_at and datetime.fromisoformat(finished) < run.started_at:
+        return {}  # the manifest of an earlier run: this one failed before finishing
     return {"succeeded": this_run.get("succeeded"), "failed": this_run.get("failed"),
             "skipped": this_run.get("skipped_already_done")}
 

@@ -166,7 +166,7 @@ def load_schedules(path: str | Path, *, check_clusters: bool = True) -> Schedule
 
 
 def _unreachable(schedules: list[Schedule]) -> list[str]:
-    from jobs.submit import SubmitError, probe
+    from jobs.submit import SubmitError, client
 
     problems, checked = [], {}
     for schedule in schedules:
@@ -175,7 +175,7 @@ def _unreachable(schedules: list[Schedule]) -> list[str]:
             continue
         if address not in checked:
             try:
-                probe(address)
+                client(address)
                 checked[address] = None
             except SubmitError as exc:
                 checked[address] = str(exc)

@@ -68,9 +68,6 @@ def _node_ports() -> list[str]:
 @dataclass
 class Cluster:
     address: str  # the dashboard: where jobs are submitted
-    gcs: str
-    head_pid: int
-    worker_pid: int
 
     def nodes(self):
         from ray.util.state import list_nodes
@@ -125,6 +122,7 @@ def cluster(tiny_dir, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `gemma-unified` for jobs
     env["RAY_AUTH_MODE"] = "disabled"  # token auth is Ray's business, not this test's; see the README for clients
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # nothing to drain at teardown
     gcs_port, dashboard_port, client_port = _free_ports(3)
     head = _start(["--head", "--port", str(gcs_port), "--dashboard-host", "127.0.0.1", "--dashboard-port",
                    str(dashboard_port), "--include-dashboard", "true", "--ray-client-server-port", str(client_port),
@@ -138,7 +136,7 @@ def cluster(tiny_dir, tmp_path_factory):
                          json.dumps({"gpu_node": 1}), "--object-store-memory", str(200 * 1024 * 1024),
                          "--temp-dir", temp_worker, *_node_ports()], env, logs / "worker.log")
         processes.append(worker)
-        running = Cluster(address, f"127.0.0.1:{gcs_port}", head.pid, worker.pid)
+        running = Cluster(address)
         _wait_until(lambda: len(running.nodes()) == 2, 90, "two nodes", processes)
         yield running
     finally:
@@ -182,27 +180,45 @@ def invoke(*args: str):
     return CliRunner().invoke(cli(), list(args), env={"COLUMNS": "200"})
 
 
-def test_a_submitted_job_runs_its_model_actors_on_the_worker_node(cluster, images, tmp_path):
+@dataclass
+class Submitted:
+    job_id: str
+    job_file: Path
+    inbox: Path
+    output: Path
+    expected_ids: list[str]
+
+
+@pytest.fixture(scope="module")
+def submitted(cluster, images, tmp_path_factory) -> Submitted:
+    """One job submitted through the CLI and waited for; the tests below inspect it, and the schedule resumes it."""
+    folder = tmp_path_factory.mktemp("submitted")
+    inbox = folder / "inbox"
+    shutil.copytree(images, inbox)
+    job_file = job_yaml(folder, inbox, folder / "captions")
+    result = invoke("submit", str(job_file), "--address", cluster.address, "--wait")
+    assert result.exit_code == 0, result.output
+    return Submitted(result.output.splitlines()[0].strip(), job_file, inbox, folder / "captions",
+                     sorted(p.name for p in inbox.iterdir()))
+
+
+def test_a_submitted_job_completes_with_its_model_actors_on_the_worker_node(cluster, submitted):
+    from ray.job_submission import JobSubmissionClient
     from ray.util.state import list_actors
 
-    output = tmp_path / "captions"
-    result = invoke("submit", str(job_yaml(tmp_path, images, output)), "--address", cluster.address, "--wait")
-    assert result.exit_code == 0, result.output
-    job_id = result.output.splitlines()[0].strip()
+    out = OutputDir(str(submitted.output), {})
+    assert sorted(out.read_column(RESULTS)) == submitted.expected_ids and len(out.read_column(ERRORS)) == 0
+    assert json.loads((submitted.output / "_job.json").read_text())["status"] == "complete"
 
-    out = OutputDir(str(output), {})
-    assert sorted(out.read_column(RESULTS)) == sorted(p.name for p in images.iterdir())
-    assert len(out.read_column(ERRORS)) == 0
-    assert json.loads((output / "_job.json").read_text())["status"] == "complete"
-
-    from ray.job_submission import JobSubmissionClient
-
-    info = JobSubmissionClient(cluster.address).get_job_info(job_id)
+    info = JobSubmissionClient(cluster.address).get_job_info(submitted.job_id)
     actors = [a for a in list_actors(address=cluster.address, limit=10_000)
               if GENERATE_ACTOR in (a.class_name or "") and a.job_id == info.job_id]
     assert actors, "no model actor recorded for the job"
     assert {a.node_id for a in actors} == {cluster.worker_node_id()}
 
+
+def test_jobs_commands_report_the_job(cluster, submitted):
+    job_id = submitted.job_id
     listed = invoke("jobs", "list", "--address", cluster.address)
     assert listed.exit_code == 0 and job_id in listed.output and "SUCCEEDED" in listed.output
     status = invoke("jobs", "status", job_id, "--address", cluster.address)
@@ -210,7 +226,7 @@ def test_a_submitted_job_runs_its_model_actors_on_the_worker_node(cluster, image
     logs = invoke("jobs", "logs", job_id, "--address", cluster.address)
     assert logs.exit_code == 0 and "this run: 5 succeeded, 0 failed" in logs.output
     assert invoke("jobs", "stop", job_id, "--address", cluster.address).exit_code == 1  # already ended
-    again = invoke("submit", str(tmp_path / "job.yaml"), "--address", cluster.address, "--submission-id", job_id)
+    again = invoke("submit", str(submitted.job_file), "--address", cluster.address, "--submission-id", job_id)
     assert again.exit_code == 2 and "refused" in again.output  # one submission id, one run
 
 
@@ -227,28 +243,19 @@ def test_stop_and_status_exit_codes(cluster, images, tmp_path):
     assert invoke("jobs", "status", "no-such-job", "--address", cluster.address).exit_code == 2
 
 
-def test_a_schedule_submits_to_the_cluster_and_counts_only_new_items(cluster, images, tmp_path, clock):
-    from jobs.schedule_cli import schedule_app  # noqa: F401  (the same code path `schedule --once` takes)
+def test_a_scheduled_run_on_the_cluster_processes_only_new_items(cluster, submitted, clock):
     from jobs.history import History
     from jobs.scheduler import Scheduler, default_runners
     from jobs.schedules import load_schedules
 
-    output = tmp_path / "captions"
-    inbox = tmp_path / "inbox"
-    shutil.copytree(images, inbox)
-    job = job_yaml(tmp_path, inbox, output)
-    schedules = tmp_path / "schedules.yaml"
+    shutil.copy(next(submitted.inbox.glob("*.png")), submitted.inbox / "new.png")
+    schedules = submitted.job_file.parent / "schedules.yaml"
     schedules.write_text(yaml.safe_dump({"schedules": [
-        {"name": "captions", "cron": "0 * * * *", "job": job.name, "address": cluster.address},
+        {"name": "captions", "cron": "0 * * * *", "job": submitted.job_file.name, "address": cluster.address},
     ]}))
     config = load_schedules(schedules)
     scheduler = Scheduler(config.schedules, History(config.state), default_runners(config), clock=clock)
-
-    clock.set(2025, 1, 15, 10, 0, 5)
-    first = scheduler.wait_for(scheduler.tick(), poll_s=1.0)
-    assert [(r.state, r.succeeded, r.skipped) for r in first] == [("succeeded", 5, 0)], first
-    shutil.copy(next(images.glob("*.png")), inbox / "new.png")
-    clock.set(2025, 1, 15, 11, 0, 5)
-    second = scheduler.wait_for(scheduler.tick(), poll_s=1.0)
-    assert [(r.state, r.succeeded, r.skipped) for r in second] == [("succeeded", 1, 5)], second
-    assert [r.job_id for r in second] == ["captions-20250115T110000Z"]
+    runs = scheduler.wait_for(scheduler.tick(), poll_s=1.0)
+    assert [(r.job_id, r.state, r.succeeded, r.failed, r.skipped) for r in runs] == [
+        ("captions-20250115T100000Z", "succeeded", 1, 0, 5)], runs
+    assert len(OutputDir(str(submitted.output), {}).read_column(RESULTS)) == 6

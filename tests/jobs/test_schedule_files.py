@@ -131,3 +131,21 @@ def test_history_shows_recorded_runs(tmp_path):
     assert "nightly-20250115T010000Z" in result.output and "succeeded" in result.output
     result = CliRunner().invoke(cli(), ["schedule", "history", "other", "--state", str(config.state)])
     assert result.exit_code == 1
+
+
+def test_once_records_a_failing_run_with_its_error_and_exits_1(tmp_path):
+    from datetime import datetime, timezone
+
+    from jobs.history import History
+
+    # Due now (the current hour, first seen within its deadline); the real `gemma-unified run` fails fast.
+    job = {"input": {"url": str(tmp_path / "missing")}, "output": {"url": str(tmp_path / "out")}}
+    path = write(tmp_path, [entry(name="hourly", cron="0 * * * *", timezone="UTC", job=job)], state="state.db")
+    hour = datetime.now(timezone.utc).hour
+    result = CliRunner().invoke(cli(), ["schedule", str(path), "--once", "--poll-s", "0.2"], env={"COLUMNS": "200"})
+    assert result.exit_code == 1, result.output
+    [run] = History(tmp_path / "state.db").runs("hourly")
+    assert run.state == "failed" and "exit code 2" in run.error and "nothing found at" in run.error
+    again = CliRunner().invoke(cli(), ["schedule", str(path), "--once"])
+    if datetime.now(timezone.utc).hour == hour:
+        assert again.exit_code == 0 and "nothing due" in again.output  # the same time never runs twice
