@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench render-examples clean
 
 install: $(STAMP)
 
@@ -22,6 +22,12 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/tokenize.py
+	$(BIN)/python benchmarks/engine.py
+	$(BIN)/python benchmarks/batch.py
+
+render-examples: install
+	$(BIN)/gemma-unified render-k8s infra/examples/serve.yaml --job infra/examples/job.yaml \
+		--schedules infra/examples/schedules.yaml --cluster infra/examples/cluster.yaml --out infra
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -62,6 +62,9 @@ class VmSpec(Strict):
     cpu_instance: str = Field("m6i.2xlarge", min_length=1, description="CPU worker instance type.")
     gpu_instance: str = Field("g4dn.2xlarge", min_length=1, description="GPU worker instance type (one T4, 16 GB).")
     disk_gb: int = Field(200, ge=50, le=16_000, description="Root volume per VM; mirrored model weights live here.")
+    image_id: str | None = Field(
+        None, description="AMI with Docker and an NVIDIA driver new enough for the GPU image's CUDA wheels. Unset: "
+        "Ray's default Deep Learning AMI for the region, whose driver may be too old.")
     ssh_user: str = Field("ubuntu", min_length=1, description="Login user of the VM image.")
 
 
@@ -412,7 +415,8 @@ def job_name(cluster: ClusterSpec, stem: str) -> str:
 
 
 def ray_job(job: JobSpec, cluster: ClusterSpec, name: str) -> dict:
-    """One batch job on a cluster of its own, deleted when the job ends; the entrypoint is `gemma-unified submit`'s."""
+    """One batch job on a cluster of its own (deleted an hour after the job ends), with `gemma-unified submit`'s
+    entrypoint and runtime environment."""
     from jobs.submit import ENTRYPOINT, runtime_env
 
     job = cluster_job_spec(job, name)
@@ -539,8 +543,9 @@ def launcher_config(cluster: ClusterSpec, cpu: GroupSize, gpu: GroupSize | None,
     vm = cluster.vm
 
     def node(instance: str) -> dict:
-        return {"InstanceType": instance,
-                "BlockDeviceMappings": [{"DeviceName": "/dev/sda1", "Ebs": {"VolumeSize": vm.disk_gb}}]}
+        config = {"InstanceType": instance,
+                  "BlockDeviceMappings": [{"DeviceName": "/dev/sda1", "Ebs": {"VolumeSize": vm.disk_gb}}]}
+        return {**config, "ImageId": vm.image_id} if vm.image_id else config
 
     node_types: dict = {
         "head": {"resources": {"CPU": 0}, "node_config": node(vm.head_instance)},

@@ -69,6 +69,9 @@ def render_files(
         files["k8s/rayservice.yaml"] = header + dump([render.ray_service(serve, cluster)])
         files["vm/serve-config.yaml"] = header + yaml.dump(render.serve_config(serve), Dumper=_ManifestDumper,
                                                            sort_keys=False, width=_NO_FOLDING)
+    stems = [p.stem for p in job_files]
+    if len(set(stems)) < len(stems):
+        raise render.RenderError(f"job files need distinct names: they name the RayJobs ({', '.join(stems)})")
     jobs = []
     for path in job_files:
         job = load_job(path)

@@ -1,0 +1,61 @@
+"""The example specs under infra/examples, rendered once per session the way the committed manifests were."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "infra" / "examples"
+RENDER_ARGS = dict(
+    serve_file=EXAMPLES / "serve.yaml",
+    job_files=[EXAMPLES / "job.yaml"],
+    schedules_file=EXAMPLES / "schedules.yaml",
+    cluster_file=EXAMPLES / "cluster.yaml",
+)
+RENDER_COMMAND = (
+    "gemma-unified render-k8s infra/examples/serve.yaml --job infra/examples/job.yaml "
+    "--schedules infra/examples/schedules.yaml --cluster infra/examples/cluster.yaml --out infra"
+)
+
+
+@pytest.fixture(scope="session")
+def rendered() -> dict[str, str]:
+    from jobs.render_cli import render_files
+
+    return render_files(**RENDER_ARGS)
+
+
+@pytest.fixture(scope="session")
+def manifests(rendered) -> dict[str, dict]:
+    """Every Kubernetes object of the rendered examples, by kind (one of each kind is rendered)."""
+    objects = {}
+    for path, text in rendered.items():
+        if path.startswith("k8s/"):
+            for document in yaml.safe_load_all(text):
+                assert document["kind"] not in objects, f"two {document['kind']} objects"
+                objects[document["kind"]] = document
+    return objects
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    from jobs.render import load_cluster
+
+    return load_cluster(RENDER_ARGS["cluster_file"])
+
+
+@pytest.fixture(scope="session")
+def serve_spec():
+    from serving.spec import load_spec
+
+    return load_spec(RENDER_ARGS["serve_file"])
+
+
+@pytest.fixture(scope="session")
+def job_spec():
+    from jobs.spec import load_job
+
+    return load_job(RENDER_ARGS["job_files"][0])
