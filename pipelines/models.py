@@ -57,11 +57,18 @@ def tiny_dir(seed: int = 0) -> Path:
     return _build_once(cache_root() / f"tiny-seed{seed}", lambda d: build_tiny_model(d, seed=seed))
 
 
-def _mirror(url: str, storage_options: dict) -> Path:
-    """Copy a model directory from object storage to node-local disk once; later calls reuse the copy."""
+TOKENIZER_FILES = ("tokenizer*", "*.jinja", "processor_config.json", "special_tokens_map.json", "config.json")
+
+
+def _mirror(url: str, storage_options: dict, only: tuple[str, ...] | None = None) -> Path:
+    """Copy a model directory from object storage to node-local disk once; later calls reuse the copy.
+    `only` keeps the files whose names match those patterns (the tokenizer's, for CPU workers)."""
+    import fnmatch
+
     import fsspec
 
-    local = cache_root() / "mirror" / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    key = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    local = cache_root() / "mirror" / (f"{key}-tokenizer" if only else key)
 
     def download(directory: Path) -> None:
         try:
@@ -69,6 +76,8 @@ def _mirror(url: str, storage_options: dict) -> Path:
             files = [f for f in fs.find(root) if not f.rstrip("/").endswith("/")]
         except Exception as exc:  # any backend error: unreachable endpoint, bad credentials
             raise ModelSourceError(f"cannot list the model at {url}: {exc}") from None
+        if only:
+            files = [f for f in files if any(fnmatch.fnmatch(f.rsplit("/", 1)[-1], p) for p in only)]
         if not files:
             raise ModelSourceError(f"no model files at {url}")
         directory.mkdir(parents=True, exist_ok=True)
@@ -153,7 +162,12 @@ def load_tokenizer(model: ModelSpec | str = TINY):
 def _tokenizer(name: str, storage_options: str):
     from transformers import AutoTokenizer
 
-    path = resolve(ModelSpec(name=name, storage_options=json.loads(storage_options))).path
+    spec = ModelSpec(name=name, storage_options=json.loads(storage_options))
+    url = PRESETS.get(name, (name,))[0]
+    if "://" in url and not url.startswith("file://"):
+        path = _mirror(url, spec.storage_options, only=TOKENIZER_FILES)  # CPU workers need no weights
+    else:
+        path = resolve(spec).path
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:

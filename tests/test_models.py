@@ -75,3 +75,17 @@ def test_unreachable_model_storage_is_a_clear_error(monkeypatch, tmp_path):
                                                                 "secret": "s"})
     with pytest.raises(ModelSourceError, match="cannot list the model at s3://models/none/"):
         resolve(spec)
+
+
+def test_tokenizer_from_object_storage_copies_no_weights(tiny_dir, s3_server, monkeypatch, tmp_path):
+    import s3fs
+
+    from pipelines.models import load_tokenizer
+
+    storage = {"endpoint_url": s3_server, "key": "testing", "secret": "testing"}
+    s3fs.S3FileSystem(**storage).put(str(tiny_dir), "models/tiny-tok", recursive=True)
+    monkeypatch.setenv("GEMMA_UNIFIED_CACHE", str(tmp_path))
+    tokenizer = load_tokenizer(ModelSpec(name="s3://models/tiny-tok/", storage_options=storage))
+    assert tokenizer.image_token == "<|image|>"
+    copied = [p.name for p in tmp_path.rglob("*") if p.is_file()]
+    assert "tokenizer.json" in copied and not any(name.endswith(".safetensors") for name in copied)
