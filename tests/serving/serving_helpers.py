@@ -16,7 +16,8 @@ from PIL import Image
 
 def png(width: int = 300, height: int = 200, seed: int = 3, noise: bool = True) -> bytes:
     rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8) if noise else np.full((height, width, 3), 90, np.uint8)
+    shape = (height, width, 3)
+    pixels = rng.integers(0, 256, shape, dtype=np.uint8) if noise else np.full(shape, 90, np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "PNG")
     return buffer.getvalue()

@@ -25,7 +25,7 @@ MAIN = {
     "engine": {"speculative": False, "max_batch_size": 8},
     "media": {"max_pixels": 1_000_000, "max_audio_s": 120},
     "batching": {"max_batch_size": 8},
-    "limits": {"max_output_tokens": 32, "max_body_bytes": 4 * 1024 * 1024, "max_queued_requests": 16,
+    "limits": {"max_output_tokens": 32, "max_body_bytes": 4 * 1024 * 1024, "max_queued_requests": 32,
                "retry_after_s": 1},
     "resources": {"ingress": {"num_cpus": 0.25}, "model": {"num_cpus": 0.25, "torch_threads": 1}},
     "autoscaling": {
@@ -52,18 +52,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def ray_instance(tiny_dir):
-    import ray
-
-    owned = not ray.is_initialized()
-    if owned:
-        ray.init(num_cpus=4, object_store_memory=300 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
-    yield
-    if owned:
-        ray.shutdown()
-
-
 class Endpoint:
     def __init__(self, port: int) -> None:
         self.base = f"http://127.0.0.1:{port}"
@@ -81,7 +69,7 @@ class Endpoint:
 
 
 @pytest.fixture(scope="module")
-def endpoint(ray_instance):
+def endpoint(ray_cluster):  # the session's one Ray instance (tests/conftest.py)
     from ray import serve
 
     from serving.app import build_app

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -68,3 +70,36 @@ def test_app_builder_rejects_unknown_args():
 
     with pytest.raises(ValueError, match="unknown application args"):
         app_builder({"confg": "x.yaml"})
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "serving" / "examples"
+
+
+def test_example_spec_and_serve_config_are_valid():
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import app_builder
+
+    spec = load_spec(EXAMPLES / "serve.yaml")
+    assert spec.engine.kind == "vllm" and spec.autoscaling.model.max_replicas == 8
+    config = ServeDeploySchema.model_validate(yaml.safe_load((EXAMPLES / "serve_config.yaml").read_text()))
+    (application,) = config.applications
+    assert application.import_path == "serving.app:app_builder"
+    args = dict(application.args, config=str(EXAMPLES / "serve.yaml"))
+    assert type(app_builder(args)).__name__ == "Application"
+
+
+def test_cli_reports_a_bad_spec_without_starting_anything(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from serving.cli import serve_command
+
+    app = typer.Typer()
+    app.command("serve")(serve_command)
+    app.command("other")(lambda: None)  # more than one command, as in the real CLI
+    path = tmp_path / "serve.yaml"
+    path.write_text("limits: {max_output_tokens: 0}\n")
+    result = CliRunner().invoke(app, ["serve", str(path), "--port", "9000"])
+    assert result.exit_code == 2
+    assert "limits.max_output_tokens" in result.output

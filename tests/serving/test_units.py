@@ -224,3 +224,52 @@ def test_item_errors_keep_their_status():
     error = from_item_error(DecodeError("not an image"), "messages.0.content.1")
     assert error.status == 400 and error.body()["error"]["param"] == "messages.0.content.1"
     assert from_item_error(ForbiddenURL("no")).body()["error"]["code"] == "url_not_allowed"
+
+
+# ---- the model deployment's batching with a stand-in engine ----
+
+
+class _FakeEngine:
+    """Fails any batch holding a request whose id starts with 'bad'; records batch sizes."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def generate(self, requests):
+        import time
+
+        from pipelines.engines.base import GenerationResult
+
+        self.calls.append(len(requests))
+        time.sleep(0.05)
+        if any(r.id.startswith("bad") for r in requests):
+            raise InvalidRequest("bad request", item=requests[0].id)
+        return [GenerationResult(r.id, "ok", "stop", 3, 0, 0, 1, 0.05) for r in requests]
+
+    def health(self) -> bool:
+        return True
+
+
+def test_one_bad_request_fails_alone_in_a_batch():
+    import numpy as np
+
+    from pipelines.engines.base import PreparedRequest
+    from serving.model_server import ModelServer
+    from serving.spec import ServeSpec
+
+    engine = _FakeEngine()
+    server = ModelServer(ServeSpec().model_dump(mode="json"), engine=engine)
+
+    def request(name: str) -> PreparedRequest:
+        return PreparedRequest(name, np.zeros(3, np.int32), np.zeros(3, np.int8))
+
+    async def scenario():
+        first = asyncio.ensure_future(server.generate(request("warm")))
+        await asyncio.sleep(0.01)  # the engine is busy: the next four wait and form one batch
+        rest = await asyncio.gather(*(server.generate(request(n)) for n in ("a", "bad", "b", "c")))
+        return [await first, *rest]
+
+    replies = asyncio.run(scenario())
+    assert [r.error is None for r in replies] == [True, True, False, True, True]
+    assert replies[2].error.status == 400 and "bad request" in replies[2].error.message
+    assert replies[1].batch_size == 4 and engine.calls[:2] == [1, 4]
