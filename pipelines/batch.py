@@ -9,11 +9,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from pipelines.config import JobSpec
+from pipelines.environment import forwarded_env
 from pipelines.sinks import ERRORS, RESULTS, OutputDir
 from pipelines.sources import check_reachable, detect_format, iter_listing
 
-# Environment variables that configure storage and models; they reach every Ray worker.
-FORWARDED_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "AZURE_", "HF_", "GEMMA_UNIFIED_", "FSSPEC_")
 LISTING_PAGE = 10_000
 
 
@@ -45,10 +44,6 @@ class JobSummary:
     @property
     def acceptance(self) -> float | None:
         return self.spec_accepted / self.spec_drafted if self.spec_drafted else None
-
-
-def forwarded_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
 
 
 def connect(job: JobSpec) -> None:

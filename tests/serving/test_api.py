@@ -35,12 +35,10 @@ def spec(tiny_dir):
 
 @pytest.fixture(scope="module")
 def client(spec, tokenizer):
-    from pipelines.models import load_tokenizer
-
     server = ModelServer(spec.model_dump(mode="json"))
     metrics = Metrics()
     backend = ServeModelBackend(InProcessHandle(server), metrics, retry_after_s=1, timeout_s=60)
-    api = build_api(spec, backend, load_tokenizer(spec.model), authenticator=Authenticator([]), metrics=metrics)
+    api = build_api(spec, backend, tokenizer, authenticator=Authenticator([]), metrics=metrics)
     with TestClient(api) as test_client:
         yield test_client
 
@@ -62,7 +60,7 @@ def test_text_image_and_audio_parts_in_one_message(client, sample_png, short_wav
     answer = chat(client, content)
     assert answer.status_code == 200, answer.text
     usage = answer.json()["usage"]
-    # 280-token budget image (200x300 -> 12x18 grid... whatever the rule gives) + a 70-budget one + 33 audio frames.
+    # An image at the 280-token budget, one at the 70-token budget ("low" detail) and 33 audio frames (1.3 s).
     assert usage["prompt_tokens"] > plain["usage"]["prompt_tokens"] + 70 + 33
     assert usage["completion_tokens"] <= 6
 

@@ -1,0 +1,200 @@
+"""Chat completions without HTTP: an OpenAI chat request -> one PreparedRequest (media decoded and tokenized on
+this CPU), and a generation result -> the OpenAI answer."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+
+from pipelines.engines.base import GenerationResult, PreparedRequest, SamplingParams
+from pipelines.errors import InvalidRequest, ItemError, LimitExceeded
+from pipelines.media import audio as audio_media
+from pipelines.media import image as image_media
+from pipelines.prompts import tokenize
+from serving.errors import APIError, from_item_error
+from serving.media_sources import MediaFetcher, decode_base64
+from serving.protocol import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Choice,
+    ImagePart,
+    TextPart,
+    Usage,
+    completion_id,
+    now,
+)
+from serving.spec import ServeSpec
+
+LOW_DETAIL_SOFT_TOKENS = 70
+
+
+@dataclass
+class _Media:
+    kind: str  # "image" or "audio"
+    param: str  # where it sits in the request, for error messages
+    source: str  # image: its URL; audio: its base64 text
+    soft_tokens: int = image_media.DEFAULT_SOFT_TOKENS
+    data: bytes = b""
+
+
+class ChatService:
+    def __init__(self, spec: ServeSpec, tokenizer, fetcher: MediaFetcher) -> None:
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.fetcher = fetcher
+
+    # ---- request -> prepared request ----
+
+    def check(self, body: ChatCompletionRequest) -> None:
+        """Refusals that need no decoding: model name, unsupported options, counts, output tokens."""
+        if body.model != self.spec.model_id:
+            raise APIError(404, f"the model {body.model!r} does not exist; this endpoint serves "
+                                f"{self.spec.model_id!r}", param="model", code="model_not_found")
+        for name, value in (("tools", body.tools), ("tool_choice", body.tool_choice), ("logprobs", body.logprobs)):
+            if value not in (None, False, [], "none"):
+                raise APIError(400, f"{name} is not supported by this endpoint", param=name, code="unsupported")
+        if body.response_format and body.response_format.get("type") not in (None, "text"):
+            raise APIError(400, "only text responses are supported", param="response_format", code="unsupported")
+        limits = self.spec.limits
+        if len(body.messages) > limits.max_messages:
+            raise APIError(400, f"at most {limits.max_messages} messages per request", param="messages")
+        images = sum(isinstance(p, ImagePart) for m in body.messages if isinstance(m.content, list) for p in m.content)
+        audios = sum(p.type == "input_audio" for m in body.messages if isinstance(m.content, list) for p in m.content)
+        if images > limits.max_images_per_request:
+            raise APIError(400, f"{images} images in one request; the limit is {limits.max_images_per_request}",
+                           param="messages", code="too_many_images")
+        if audios > limits.max_audio_per_request:
+            raise APIError(400, f"{audios} audio clips in one request; the limit is {limits.max_audio_per_request}",
+                           param="messages", code="too_many_audio_clips")
+        wanted = body.output_tokens
+        if wanted is not None and wanted > limits.max_output_tokens:
+            raise APIError(400, f"max_tokens {wanted} is over this endpoint's limit of {limits.max_output_tokens}",
+                           param="max_tokens", code="max_tokens_too_large")
+
+    def sampling(self, body: ChatCompletionRequest) -> SamplingParams:
+        limits, defaults = self.spec.limits, self.spec.sampling
+        return SamplingParams(
+            max_new_tokens=body.output_tokens or min(limits.default_output_tokens, limits.max_output_tokens),
+            temperature=defaults.temperature if body.temperature is None else body.temperature,
+            top_p=defaults.top_p if body.top_p is None else body.top_p,
+            top_k=defaults.top_k if body.top_k is None else body.top_k,
+            seed=body.seed,
+            stop=body.stop_list,
+        )
+
+    async def prepare(self, body: ChatCompletionRequest) -> PreparedRequest:
+        self.check(body)
+        messages, media = self._template_messages(body)
+        for item, data in zip(media, await asyncio.gather(*(self._media_bytes(item) for item in media))):
+            item.data = data
+        # Decoding and resizing images is CPU work: off the event loop, so other requests keep flowing.
+        return await asyncio.to_thread(self._tokenize, body, messages, media)
+
+    def _template_messages(self, body: ChatCompletionRequest) -> tuple[list[dict], list[_Media]]:
+        """OpenAI messages -> the chat template's (system first, media parts as placeholders) plus media in order."""
+        system: list[str] = []
+        turns: list[dict] = []
+        media: list[_Media] = []
+        for index, message in enumerate(body.messages):
+            role = "system" if message.role in ("system", "developer") else message.role
+            parts = [TextPart(type="text", text=message.content)] if isinstance(message.content, str) else (
+                message.content or []
+            )
+            if role == "system":
+                if any(not isinstance(p, TextPart) for p in parts):
+                    raise APIError(400, "system messages take text only", param=f"messages.{index}.content")
+                system.append("".join(p.text for p in parts))
+                continue
+            content = []
+            for number, part in enumerate(parts):
+                param = f"messages.{index}.content.{number}"
+                if isinstance(part, TextPart):
+                    content.append({"type": "text", "text": part.text})
+                elif role == "assistant":
+                    raise APIError(400, "assistant messages take text only", param=param)
+                elif isinstance(part, ImagePart):
+                    budget = self.spec.media.max_soft_tokens
+                    if part.image_url.detail == "low":
+                        budget = min(budget, LOW_DETAIL_SOFT_TOKENS)
+                    media.append(_Media("image", param, part.image_url.url, budget))
+                    content.append({"type": "image"})
+                else:
+                    media.append(_Media("audio", param, part.input_audio.data))
+                    content.append({"type": "audio"})
+            turns.append({"role": role, "content": content})
+        if not turns or turns[-1]["role"] != "user":
+            raise APIError(400, "the last message must come from the user", param="messages")
+        if system:
+            turns.insert(0, {"role": "system", "content": "\n\n".join(system)})
+        return turns, media
+
+    async def _media_bytes(self, item: _Media) -> bytes:
+        try:
+            if item.kind == "image":
+                return await self.fetcher.fetch(item.source)
+            return decode_base64(item.source, what="input_audio.data", max_bytes=self.spec.limits.max_body_bytes)
+        except ItemError as exc:
+            raise from_item_error(exc, item.param) from None
+
+    def _tokenize(self, body: ChatCompletionRequest, messages: list[dict], media: list[_Media]) -> PreparedRequest:
+        patches, positions, frames, counts = [], [], [], []
+        for item in media:
+            try:
+                if item.kind == "image":
+                    image = image_media.prepare_image(item.data, max_soft_tokens=item.soft_tokens, item=item.param,
+                                                      max_pixels=self.spec.media.max_pixels)
+                    patches.append(image.patches)
+                    positions.append(image.positions)
+                    counts.append(image.tokens)
+                else:
+                    (window,) = self._audio_window(item)
+                    frames.append(window.frames)
+                    counts.append(window.tokens)
+            except ItemError as exc:
+                raise from_item_error(exc, item.param) from None
+        try:
+            prompt = tokenize(self.tokenizer, messages, counts, thinking=body.thinking)
+        except InvalidRequest as exc:
+            raise from_item_error(exc, "messages") from None
+        sampling = self.sampling(body)
+        total = len(prompt.ids) + sampling.max_new_tokens
+        if total > self.spec.engine.max_model_len:
+            raise APIError(400, f"the prompt ({len(prompt.ids)} tokens) plus max_tokens ({sampling.max_new_tokens}) "
+                                f"exceeds the model's context of {self.spec.engine.max_model_len} tokens",
+                           param="messages", code="context_length_exceeded")
+        return PreparedRequest(
+            id=f"chat-{uuid.uuid4().hex[:12]}",
+            prompt_token_ids=prompt.ids,
+            mm_token_type_ids=prompt.mm_token_type_ids,
+            image_patches=patches,
+            image_positions=positions,
+            audio_frames=frames,
+            sampling=sampling,
+        )
+
+    def _audio_window(self, item: _Media):
+        # One clip in a chat turn is one model input, which takes 30 s at most; longer audio goes to
+        # /v1/audio/transcriptions, which windows it.
+        limit = min(self.spec.media.max_audio_s, audio_media.MAX_WINDOW_S)
+        clip = audio_media.prepare_audio(item.data, item=item.param, max_duration_s=limit)
+        if len(clip.windows) != 1:
+            raise LimitExceeded(f"audio in a chat message is limited to {limit:g} s", item=item.param)
+        return clip.windows
+
+    # ---- result -> answer ----
+
+    def completion(self, result: GenerationResult) -> ChatCompletion:
+        return ChatCompletion(
+            id=completion_id(),
+            created=now(),
+            model=self.spec.model_id,
+            choices=[Choice(message=AssistantMessage(content=result.text), finish_reason=result.finish_reason)],
+            usage=usage(result.prompt_tokens, result.output_tokens),
+        )
+
+
+def usage(prompt_tokens: int, output_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=output_tokens,
+                 total_tokens=prompt_tokens + output_tokens)

@@ -1,0 +1,68 @@
+"""`gemma-unified serve`: run the endpoint on this machine (a local Ray instance) or on a cluster (--address)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def serve_command(
+    config: Optional[Path] = typer.Argument(None, help="A serve YAML (ServeSpec); flags override its fields."),
+    model: Optional[str] = typer.Option(None, help="tiny, gemma-4-12b-it, a directory, an HF id or an s3:// URL."),
+    port: Optional[int] = typer.Option(None, help="HTTP port (default 8000)."),
+    host: Optional[str] = typer.Option(None, help="Address to bind (default 0.0.0.0)."),
+    engine: Optional[str] = typer.Option(None, help="transformers or vllm."),
+    speculative: Optional[bool] = typer.Option(None, "--speculative/--no-speculative",
+                                               help="Use the MTP assistant."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or a local one)."),
+    proxy: Optional[str] = typer.Option(None, help="serve (Ray Serve's HTTP proxy) or haproxy (experimental)."),
+    num_cpus: Optional[int] = typer.Option(None, help="CPUs of a local Ray instance (default: all)."),
+) -> None:
+    """Serve the OpenAI-compatible endpoint (chat, transcriptions, translations) until interrupted."""
+    import os
+    import signal
+    import time
+
+    from pipelines.errors import GemmaUnifiedError
+    from serving.spec import load_spec
+
+    overrides = {
+        "model": {"name": model},
+        "engine": {"kind": engine, "speculative": speculative},
+        "http": {"port": port, "host": host, "proxy": proxy},
+    }
+    try:
+        spec = load_spec(config, overrides)
+    except GemmaUnifiedError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2)
+
+    from ray import serve
+
+    from serving.app import connect, start
+
+    on_cluster = bool(address or os.environ.get("RAY_ADDRESS"))
+    if on_cluster and spec.http.proxy == "haproxy":
+        typer.echo("note: http.proxy=haproxy takes effect only where the cluster's nodes started with "
+                   "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 and RAY_SERVE_ENABLE_HA_PROXY=1", err=True)
+    connect(spec, address, num_cpus=num_cpus)
+    start(spec)
+    shown_host = "127.0.0.1" if spec.http.host in ("0.0.0.0", "::") else spec.http.host
+    base = f"http://{shown_host}:{spec.http.port}{spec.route_prefix.rstrip('/')}"
+    typer.echo(f"Serving {spec.model_id!r} at {base}/v1 (readiness: {base}/health/ready). Ctrl-C stops it.")
+    signal.signal(signal.SIGTERM, _interrupt)  # a process manager's stop cleans up like Ctrl-C
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.delete(spec.app_name)
+        if not on_cluster:
+            serve.shutdown()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

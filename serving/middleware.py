@@ -1,0 +1,104 @@
+"""ASGI middleware: the request body size limit, and per-request metrics (status and latency by route)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from serving.errors import APIError
+from serving.metrics import Metrics
+
+
+async def send_error(send, error: APIError) -> None:
+    body = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """413 for bodies over the limit: from Content-Length up front, else while the body streams in.
+
+    When the limit trips mid-body the app may already be answering the broken read (a form parser says 400), so
+    whatever it sends is dropped and the 413 goes out instead.
+    """
+
+    def __init__(self, app, max_bytes: int, metrics: Metrics | None = None) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+
+    def _error(self) -> APIError:
+        if self.metrics:
+            self.metrics.rejected.labels("body_too_large").inc()
+        return APIError(413, f"the request body is over the limit of {self.max_bytes:,} bytes",
+                        code="request_too_large")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await send_error(send, self._error())
+            return
+        received = 0
+        exceeded = False
+        started = False
+
+        async def limited_receive():
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    exceeded = True
+                    raise _TooLarge()
+            return message
+
+        async def guarded_send(message):
+            nonlocal started
+            if exceeded:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _TooLarge:
+            pass
+        if exceeded and not started:
+            await send_error(send, self._error())
+
+
+class RequestMetrics:
+    """Counts every answer by route template and status, and times it to the last byte sent."""
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def recording_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)

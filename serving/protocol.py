@@ -1,0 +1,222 @@
+"""OpenAI-compatible request and response bodies (the subset this endpoint serves), as pydantic models.
+
+Requests are strict about types (a string where a number belongs is a 400, not a silent coercion) and lenient
+about unknown fields, as OpenAI's own server is for fields it has retired; fields that would change the answer
+and are not supported (tools, n > 1, logprobs) are refused explicitly.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# ---- chat requests ----
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str = Field(max_length=1_000_000)
+
+
+class ImageURL(_Request):
+    url: str = Field(min_length=1, max_length=64 * 1024 * 1024)
+    detail: Literal["auto", "low", "high"] = "auto"
+
+
+class ImagePart(_Request):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class InputAudio(_Request):
+    data: str = Field(min_length=0, max_length=64 * 1024 * 1024)
+    format: Literal["wav", "mp3", "flac"]
+
+
+class AudioPart(_Request):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart, AudioPart], Field(discriminator="type")]
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class ChatTemplateKwargs(_Request):
+    enable_thinking: bool = False
+
+
+class ChatCompletionRequest(_Request):
+    model: str = Field(min_length=1, max_length=256)
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, le=1000, description="Extension: top-k sampling, 0 disables it.")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1)
+    user: str | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None
+    # Accepted only at their neutral values: anything else would be silently ignored.
+    logprobs: bool | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value):
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > 16 or any(not s or len(s) > 256 for s in stops):
+            raise ValueError("at most 16 stop sequences of 1 to 256 characters")
+        return value
+
+    @property
+    def stop_list(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    @property
+    def output_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def thinking(self) -> bool:
+        return bool(self.chat_template_kwargs and self.chat_template_kwargs.enable_thinking)
+
+
+# ---- chat responses ----
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+# ---- audio ----
+
+
+class SpeechRequest(_Request):
+    """The form fields of /v1/audio/transcriptions and /v1/audio/translations."""
+
+    model: str = Field(min_length=1, max_length=256)
+    language: str | None = Field(None, min_length=1, max_length=64)
+    prompt: str | None = Field(None, max_length=4096)
+    response_format: Literal["json", "text", "verbose_json"] = "json"
+    temperature: float = Field(0.0, ge=0.0, le=1.0)
+    target_language: str = Field(
+        "English", min_length=1, max_length=64, description="Extension for translations (OpenAI's is English)."
+    )
+
+
+class Segment(BaseModel):
+    id: int
+    seek: int
+    start: float
+    end: float
+    text: str
+    tokens: list[int]
+    temperature: float
+    compression_ratio: float
+
+
+class SpeechUsage(BaseModel):
+    type: Literal["duration"] = "duration"
+    seconds: float
+
+
+class Transcription(BaseModel):
+    text: str
+    usage: SpeechUsage | None = None
+
+
+class TranscriptionVerbose(BaseModel):
+    task: Literal["transcribe", "translate"]
+    language: str
+    duration: float
+    text: str
+    segments: list[Segment]
+    usage: SpeechUsage | None = None
+
+
+# ---- models ----
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "gemma-unified"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

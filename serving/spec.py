@@ -1,0 +1,244 @@
+"""ServeSpec: the endpoint's whole configuration, one YAML file, validated once at the boundary.
+
+`model`, `engine` and `media` are the same classes batch jobs use, so one block means the same thing in both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from pipelines.config import EngineSpec, MediaSpec, ModelSpec, Strict
+from pipelines.environment import API_KEYS_ENV  # noqa: F401  (re-exported: one name for the variable)
+from pipelines.errors import GemmaUnifiedError
+
+
+class SpecError(GemmaUnifiedError):
+    """A serve file or its overrides do not make a valid spec; the message names the file and the fields."""
+
+
+class AutoscalingSpec(Strict):
+    min_replicas: int = Field(1, ge=0, le=1024, description="Replicas kept running with no traffic.")
+    max_replicas: int = Field(1, ge=1, le=1024, description="Upper bound on replicas under load.")
+    initial_replicas: int | None = Field(
+        None, ge=0, le=1024, description="Replicas started at deploy time; min_replicas when unset."
+    )
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, le=10_000, description="Requests in flight (running plus queued) per replica to aim for."
+    )
+    max_ongoing_requests: int = Field(
+        8, ge=1, le=100_000, description="Requests a replica runs at once; more wait in the caller's queue."
+    )
+    upscale_delay_s: float = Field(30.0, ge=0, le=3600, description="Load must persist this long to add replicas.")
+    downscale_delay_s: float = Field(
+        600.0, ge=0, le=86_400, description="Load must stay low this long to remove replicas."
+    )
+    look_back_period_s: float = Field(30.0, gt=0, le=3600, description="Window over which load is averaged.")
+    metrics_interval_s: float = Field(
+        10.0, gt=0, le=600, description="How often replicas and callers report load to the Serve controller."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AutoscalingSpec":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be >= min_replicas")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie in [min_replicas, max_replicas]")
+        return self
+
+    def serve_config(self) -> dict:
+        """Ray Serve's `autoscaling_config` for this deployment."""
+        return self.model_dump(exclude={"max_ongoing_requests"}, exclude_none=True)
+
+
+def _ingress_autoscaling() -> AutoscalingSpec:
+    return AutoscalingSpec(max_replicas=2, target_ongoing_requests=32, max_ongoing_requests=128)
+
+
+def _model_autoscaling() -> AutoscalingSpec:
+    return AutoscalingSpec(max_replicas=4, target_ongoing_requests=8, max_ongoing_requests=16)
+
+
+class DeploymentAutoscaling(Strict):
+    ingress: AutoscalingSpec = Field(
+        default_factory=_ingress_autoscaling, description="HTTP ingress: validation, media decoding, tokenization."
+    )
+    model: AutoscalingSpec = Field(
+        default_factory=_model_autoscaling, description="Model replicas, one engine each (one GPU each on GPU)."
+    )
+
+
+class ReplicaResources(Strict):
+    num_cpus: float = Field(1.0, ge=0, le=256, description="CPUs reserved per replica (0 allowed for tests).")
+    num_gpus: float | None = Field(
+        None, ge=0, le=8, description="GPUs per replica; unset: 1 for the model when the cluster has GPUs, else 0."
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, le=256, description="torch intra-op threads per replica; unset: max(1, num_cpus)."
+    )
+
+
+class DeploymentResources(Strict):
+    ingress: ReplicaResources = Field(
+        default_factory=lambda: ReplicaResources(num_cpus=1.0, num_gpus=0), description="Per ingress replica."
+    )
+    model: ReplicaResources = Field(default_factory=ReplicaResources, description="Per model replica.")
+
+
+class BatchingSpec(Strict):
+    max_batch_size: int = Field(8, ge=1, le=1024, description="Requests the model replica runs in one batch.")
+    batch_wait_timeout_s: float = Field(
+        0.0,
+        ge=0,
+        le=1.0,
+        description="Extra wait for a fuller batch when the engine is idle. Requests arriving while a batch runs "
+        "join the next one without it, so 0 keeps single-request latency low and still batches under load.",
+    )
+
+
+class SamplingDefaults(Strict):
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="When a request sets none (Gemma's suggestion).")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="When a request sets none (Gemma's suggestion).")
+    top_k: int = Field(64, ge=0, le=1000, description="When a request sets none; 0 disables top-k.")
+
+
+class LimitsSpec(Strict):
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, le=2 * 1024**3, description="Request body size; larger bodies get 413."
+    )
+    max_output_tokens: int = Field(
+        2048, ge=1, le=32_768, description="Upper bound on max_tokens; a request asking for more gets 400."
+    )
+    default_output_tokens: int = Field(
+        256, ge=1, le=32_768, description="max_tokens when a request sets none (capped at max_output_tokens)."
+    )
+    max_images_per_request: int = Field(8, ge=0, le=64, description="Image parts in one chat request.")
+    max_audio_per_request: int = Field(1, ge=0, le=8, description="Audio parts in one chat request.")
+    max_messages: int = Field(64, ge=1, le=4096, description="Messages in one chat request.")
+    max_queued_requests: int = Field(
+        64,
+        ge=1,
+        le=100_000,
+        description="Requests an ingress replica lets wait for a busy model deployment; beyond it, 503 with "
+        "Retry-After instead of an unbounded queue.",
+    )
+    retry_after_s: int = Field(1, ge=0, le=3600, description="Retry-After seconds on 503 answers.")
+    request_timeout_s: float = Field(300.0, gt=0, le=3600, description="Longest a request may wait for the model.")
+
+
+class AuthSpec(Strict):
+    api_keys: list[str] = Field(
+        default_factory=list,
+        max_length=1024,
+        description=f"Accepted Bearer keys; {API_KEYS_ENV} (comma-separated) adds more. Any key set makes every "
+        "/v1 route require one.",
+    )
+
+
+class RemoteMediaSpec(Strict):
+    allow_object_storage: bool = Field(False, description="Fetch s3://, gs://, az:// image URLs through fsspec.")
+    storage_options: dict[str, str] = Field(default_factory=dict, description="fsspec options for those URLs.")
+    http_allow_list: list[str] = Field(
+        default_factory=list,
+        max_length=1024,
+        description="Hosts whose http(s) URLs may be fetched: exact names or IPs, or `*.example.com`. Empty: no "
+        "http(s) fetching at all.",
+    )
+    allow_private_networks: bool = Field(
+        False,
+        description="Let allow-listed hosts resolve to private, loopback or link-local addresses. Only for trusted "
+        "internal media servers: it turns the server-side request forgery guard off.",
+    )
+    fetch_timeout_s: float = Field(10.0, gt=0, le=300, description="Whole-fetch timeout for one URL.")
+    max_fetch_bytes: int = Field(
+        20 * 1024 * 1024, ge=1024, le=2 * 1024**3, description="Largest media file fetched from a URL."
+    )
+    max_redirects: int = Field(3, ge=0, le=10, description="Redirects followed (each target is checked again).")
+
+
+class HttpSpec(Strict):
+    host: str = Field("0.0.0.0", min_length=1, max_length=255, description="Address the Serve proxy binds.")
+    port: int = Field(8000, ge=1, le=65_535, description="Port of the Serve proxy.")
+    proxy: Literal["serve", "haproxy"] = Field(
+        "serve",
+        description="serve: Ray Serve's HTTP proxy. haproxy: Serve's experimental HAProxy ingress, straight to the "
+        "ingress replicas (RAY_SERVE_ENABLE_DIRECT_INGRESS=1 and RAY_SERVE_ENABLE_HA_PROXY=1): several ms less per "
+        "request. `gemma-unified serve` sets both for a Ray instance it starts; a cluster needs them in every "
+        "node's environment before Ray starts.",
+    )
+
+
+class ServeSpec(Strict):
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Which model (same block as in batch jobs).")
+    engine: EngineSpec = Field(default_factory=EngineSpec, description="Which engine and how it runs the model.")
+    media: MediaSpec = Field(
+        default_factory=MediaSpec, description="Image token budget, pixel and audio duration limits, audio windows."
+    )
+    served_model_name: str | None = Field(
+        None, min_length=1, max_length=256, description="Name clients pass as `model`; model.name when unset."
+    )
+    app_name: str = Field("gemma-unified", min_length=1, max_length=128, description="Serve application name.")
+    route_prefix: str = Field("/", min_length=1, max_length=256, pattern=r"^/", description="URL prefix of the app.")
+    autoscaling: DeploymentAutoscaling = Field(
+        default_factory=DeploymentAutoscaling, description="Replica counts and scaling of each deployment."
+    )
+    resources: DeploymentResources = Field(default_factory=DeploymentResources, description="CPUs/GPUs per replica.")
+    batching: BatchingSpec = Field(default_factory=BatchingSpec, description="How the model replica batches.")
+    sampling: SamplingDefaults = Field(
+        default_factory=SamplingDefaults, description="Sampling for chat requests that leave a setting unset."
+    )
+    limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Request limits and overload behaviour.")
+    auth: AuthSpec = Field(default_factory=AuthSpec, description="Optional Bearer API keys.")
+    remote_media: RemoteMediaSpec = Field(
+        default_factory=RemoteMediaSpec, description="Which image URLs beyond data: URLs may be fetched."
+    )
+    http: HttpSpec = Field(default_factory=HttpSpec, description="Where `gemma-unified serve` listens.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("WARNING", description="Serve replica logs.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServeSpec":
+        model_concurrency = self.autoscaling.model.max_ongoing_requests
+        if self.engine.kind == "transformers" and model_concurrency < self.batching.max_batch_size:
+            # A replica never sees more requests at once than this, so it could never fill a batch.
+            raise ValueError("autoscaling.model.max_ongoing_requests must be >= batching.max_batch_size")
+        return self
+
+    @property
+    def model_id(self) -> str:
+        return self.served_model_name or self.model.name
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        elif isinstance(value, dict):
+            merged[key] = _merge({}, value)
+        elif value is not None:
+            merged[key] = value
+    return merged
+
+
+def build_spec(data: dict, overrides: dict | None = None, source: str = "serve spec") -> ServeSpec:
+    """A ServeSpec from a mapping plus overrides (nested dicts; None values leave the field alone)."""
+    try:
+        return ServeSpec.model_validate(_merge(data, overrides or {}))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise SpecError(f"{source}: {problems}") from None
+
+
+def load_spec(path: str | Path | None, overrides: dict | None = None) -> ServeSpec:
+    data: dict = {}
+    if path:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise SpecError(f"{path}: cannot read the serve file: {exc}") from None
+        if not isinstance(data, dict):
+            raise SpecError(f"{path}: a serve file is a mapping (model, engine, media, autoscaling, limits, ...)")
+    return build_spec(data, overrides, str(path) if path else "command line")
