@@ -17,6 +17,7 @@ blur: mean error about 0.1/255 on smooth images, 1-3/255 on noisy ones). Exact w
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,18 +100,29 @@ def stable_size_for_vllm(height: int, width: int, max_soft_tokens: int) -> tuple
         return height, width
     low = max(rows * rows / max_soft_tokens, max_soft_tokens / (cols + 1) ** 2)
     high = min((rows + 1) ** 2 / max_soft_tokens, max_soft_tokens / (cols * cols))
-    if low >= high:
+    if low > high:
         return None
-    rho = math.sqrt(low * high)
     area = height * width  # keep about the same pixel count: the smallest resample
-    for scale in (1, 2, 4, 8):
-        h0 = round(math.sqrt(area * rho) * scale)
-        w0 = round(math.sqrt(area / rho) * scale)
-        for dh in (0, 1, -1, 2, -2):
-            for dw in (0, 1, -1, 2, -2):
-                size = (h0 + dh, w0 + dw)
-                if min(size) > 0 and _lands_on(size, (height, width), max_soft_tokens):
-                    return size
+    offsets = (0, 1, -1, 2, -2, 3, -3)
+    # The middle of the interval first; its ends too, for grids that only floating-point rounding at the exact
+    # boundary produced (an aspect ratio of exactly 4/70 at budget 70, say).
+    for rho in (math.sqrt(low * high), low, high):
+        for scale in (1, 2, 4, 8, 16):
+            h0 = round(math.sqrt(area * rho) * scale)
+            w0 = round(math.sqrt(area / rho) * scale)
+            for dh in offsets:
+                for dw in offsets:
+                    size = (h0 + dh, w0 + dw)
+                    if min(size) > 0 and _lands_on(size, (height, width), max_soft_tokens):
+                        return size
+        # At an exact boundary only an exact ratio p/q will do: try multiples of it near the same area.
+        ratio = Fraction(rho).limit_denominator(4096)
+        p, q = ratio.numerator, ratio.denominator
+        k0 = max(1, round(math.sqrt(area / (p * q))))
+        for k in sorted(range(1, 2 * k0 + 2), key=lambda k: abs(k - k0)):  # nearest to the same area first
+            size = (p * k, q * k)
+            if _lands_on(size, (height, width), max_soft_tokens):
+                return size
     return None
 
 

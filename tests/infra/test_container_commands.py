@@ -9,7 +9,7 @@ import shlex
 import pytest
 import yaml
 
-from conftest import REPO
+from infra_paths import REPO
 
 
 def _gemma_unified():

@@ -9,7 +9,7 @@ import tomllib
 
 import pytest
 
-from conftest import REPO
+from infra_paths import REPO
 
 DOCKER = REPO / "infra" / "docker"
 PYTORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"

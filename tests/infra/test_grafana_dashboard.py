@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from conftest import REPO
+from infra_paths import REPO
 
 DASHBOARD = REPO / "infra" / "grafana" / "gemma-unified.json"
 _METRIC = re.compile(r"\b((?:gemma_unified|ray|autoscaler)_[a-z0-9_]+)\b")

@@ -124,7 +124,7 @@ def test_rayservice_worker_groups_follow_the_deployments_replica_bounds(manifest
 
 
 def _constraint(package: str) -> str:
-    from conftest import REPO
+    from infra_paths import REPO
 
     for line in (REPO / "constraints.txt").read_text().splitlines():
         if line.startswith(f"{package}=="):
@@ -155,7 +155,7 @@ def test_scheduler_reads_the_schedules_with_runs_on_the_batch_cluster(manifests,
     from jobs.render import batch_dashboard_url, cluster_job_spec
     from jobs.schedules import load_schedules
 
-    from conftest import RENDER_ARGS
+    from infra_paths import RENDER_ARGS
 
     text = manifests["ConfigMap"]["data"]["schedules.yaml"]
     (tmp_path / "schedules.yaml").write_text(text)

@@ -6,7 +6,7 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from conftest import EXAMPLES
+from infra_paths import EXAMPLES
 
 runner = CliRunner()
 
