@@ -169,7 +169,7 @@ def build(job: JobSpec, dataset, done_ref):
     # Small input blocks let many CPU tasks prepare in parallel and hand units to the model as they are ready.
     dataset = dataset.repartition(target_num_rows_per_block=resources.items_per_prepare_task)
     prepared = dataset.map_batches(
-        Prepare(job, done_ref), batch_size=1, compute=prepare_compute, ray_remote_args_fn=lambda: {"num_cpus": 1}
+        Prepare(job, done_ref), batch_size=None, compute=prepare_compute, ray_remote_args_fn=lambda: {"num_cpus": 1}
     )
     # Ray Data restarts a dead model actor and retries its in-flight batch (max_restarts / max_task_retries -1).
     generated = prepared.map_batches(
@@ -216,6 +216,7 @@ def run(job: JobSpec, *, progress: bool = True) -> JobSummary:
     timings = {"setup_s": time.perf_counter() - started}
     summary = JobSummary(output=out.url, fingerprint=fingerprint, skipped=len(done))
     for batch in build(job, dataset, done_ref).iter_batches(batch_size=None, batch_format="numpy"):
+        timings.setdefault("first_result_s", time.perf_counter() - started)  # start-up, model load included
         summary.run_succeeded += int(np.sum(batch["succeeded"]))
         summary.run_failed += int(np.sum(batch["failed"]))
         summary.output_tokens += int(np.sum(batch["output_tokens"]))
