@@ -130,7 +130,7 @@ class ResourcesSpec(Strict):
     )
     prepare_concurrency: int | None = Field(None, ge=1, le=100_000, description="Parallel CPU prepare tasks.")
     items_per_prepare_task: int = Field(
-        4, ge=1, le=10_000, description="Items per CPU prepare task: small keeps results streaming to the model."
+        16, ge=1, le=10_000, description="Items per CPU prepare task: small keeps results streaming to the model."
     )
     num_cpus: int | None = Field(None, ge=1, le=100_000, description="CPUs for a local Ray instance.")
     object_store_mb: int = Field(1024, ge=64, le=1_000_000, description="Object store size of a local Ray instance.")
