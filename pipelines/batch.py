@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -210,6 +211,8 @@ def run(job: JobSpec, *, progress: bool = True) -> JobSummary:
 
     connect(job)
     ray.data.DataContext.get_current().enable_progress_bars = progress
+    if not progress:  # quiet runs (demo, tests, scripts) keep only Ray Data's warnings
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     run_id = uuid.uuid4().hex[:12]
     dataset = _read_input(job, out, run_id)
     done_ref = ray.put(done) if len(done) else None
