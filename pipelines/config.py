@@ -164,3 +164,22 @@ class JobSpec(Strict):
             "media": self.media.model_dump(),
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def merge_overrides(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` laid over it: nested mappings merge, and None leaves a field as it is."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            inner = merge_overrides(merged[key] if isinstance(merged.get(key), dict) else {}, value)
+            if inner or key in merged:
+                merged[key] = inner
+        elif value is not None:
+            merged[key] = value
+    return merged
+
+
+def describe_validation(error, source: str) -> str:
+    """A pydantic ValidationError as one line naming the source and each field with its problem."""
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+    return f"{source}: {problems}"

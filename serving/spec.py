@@ -11,7 +11,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from pipelines.config import EngineSpec, MediaSpec, ModelSpec, Strict
+from pipelines.config import EngineSpec, MediaSpec, ModelSpec, Strict, describe_validation, merge_overrides
 from pipelines.environment import API_KEYS_ENV  # noqa: F401  (re-exported: one name for the variable)
 from pipelines.errors import GemmaUnifiedError
 
@@ -211,25 +211,14 @@ class ServeSpec(Strict):
         return self.served_model_name or self.model.name
 
 
-def _merge(base: dict, overrides: dict) -> dict:
-    merged = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        elif isinstance(value, dict):
-            merged[key] = _merge({}, value)
-        elif value is not None:
-            merged[key] = value
-    return merged
 
 
 def build_spec(data: dict, overrides: dict | None = None, source: str = "serve spec") -> ServeSpec:
     """A ServeSpec from a mapping plus overrides (nested dicts; None values leave the field alone)."""
     try:
-        return ServeSpec.model_validate(_merge(data, overrides or {}))
+        return ServeSpec.model_validate(merge_overrides(data, overrides or {}))
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise SpecError(f"{source}: {problems}") from None
+        raise SpecError(describe_validation(exc, source)) from None
 
 
 def load_spec(path: str | Path | None, overrides: dict | None = None) -> ServeSpec:
