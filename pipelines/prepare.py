@@ -5,24 +5,16 @@ This is the CPU half of the pipeline: the batch Prepare stage, the endpoint and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from dataclasses import dataclass, field, replace
+from typing import BinaryIO, Iterator
 
 from pipelines.engines.base import PreparedRequest, SamplingParams
-from pipelines.errors import UnsupportedInput
+from pipelines.errors import DecodeError, UnsupportedInput
 from pipelines.media import audio as audio_media
 from pipelines.media import document as document_media
 from pipelines.media import image as image_media
+from pipelines.media.sniff import AUDIO, DOCUMENT, IMAGE, TEXT, modality_of
 from pipelines.prompts import Task, TaskOptions, build_prompt
-
-IMAGE, AUDIO, DOCUMENT, TEXT = "image", "audio", "document", "text"
-
-_EXTENSIONS = {
-    IMAGE: {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".jfif"},
-    AUDIO: {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".webm"},
-    DOCUMENT: {".pdf"},
-    TEXT: {".txt", ".md", ".markdown"},
-}
 
 # Which modalities each task takes.
 _TASK_MODALITIES = {
@@ -66,20 +58,61 @@ class PreparedItem:
     detail: dict = field(default_factory=dict)  # what `inspect` shows: sizes, durations, page counts
 
 
-def detect_modality(data: bytes, name: str | None = None) -> str:
-    """By file extension when there is one we know, else by magic bytes; unknown bytes are tried as images."""
-    suffix = PurePosixPath(name or "").suffix.lower()
-    for modality, suffixes in _EXTENSIONS.items():
-        if suffix in suffixes:
-            return modality
-    head = data[:16]
-    if document_media.is_pdf(data):
-        return DOCUMENT
-    if head[:4] in (b"fLaC", b"OggS") or head[:3] == b"ID3" or (head[:4] == b"RIFF" and head[8:12] == b"WAVE"):
-        return AUDIO
-    if len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0 and head[:3] != b"\xff\xd8\xff":
-        return AUDIO  # MPEG audio frame sync
-    return IMAGE
+def detect_modality(source: bytes | BinaryIO, name: str | None = None) -> str | None:
+    """By content (magic bytes, then the decoders' own probes), then by extension; None when neither tells."""
+    return modality_of(source, name)
+
+
+def check_modality(options: TaskOptions, modality: str | None, label: str) -> str:
+    """The modality to decode an item as, refusing one the task does not take."""
+    if modality is None:
+        takes = _TASK_MODALITIES[options.task] - {TEXT}
+        if len(takes) != 1:
+            raise DecodeError("unknown format: not an image, audio file, PDF or UTF-8 text this project reads",
+                              item=label)
+        (modality,) = takes  # a caption gets Pillow's verdict, a transcription the audio decoders'
+    if modality not in _TASK_MODALITIES[options.task]:
+        raise UnsupportedInput(f"task {options.task.value!r} does not take {modality} input", item=label)
+    return modality
+
+
+def _request(tokenizer, options: TaskOptions, sampling: SamplingParams, request_id: str,
+             media: list[tuple[str, int]], **arrays) -> PreparedRequest:
+    prompt = build_prompt(tokenizer, options, media)
+    return PreparedRequest(
+        id=request_id,
+        prompt_token_ids=prompt.ids,
+        mm_token_type_ids=prompt.mm_token_type_ids,
+        sampling=sampling,
+        **arrays,
+    )
+
+
+class AudioRequests:
+    """An audio item's requests, one per window, built as the windows decode: memory holds one window at a time.
+
+    Iterating yields (request, segment) with ids `ITEM#i` and `segment.count` unknown (0); `prepare_item`
+    collects them and settles both. `clip` is the AudioStream (rate, channels, duration once iterated).
+    """
+
+    def __init__(self, source, *, item_id: str, tokenizer, options: TaskOptions, label: str,
+                 limits: MediaLimits = MediaLimits(), sampling: SamplingParams = SamplingParams()) -> None:
+        self.item_id, self.tokenizer, self.options, self.sampling = item_id, tokenizer, options, sampling
+        self.clip = audio_media.AudioStream(
+            source, item=label, window_s=limits.window_s, overlap_s=limits.overlap_s,
+            max_duration_s=limits.max_audio_s,
+        )
+
+    def __iter__(self) -> Iterator[tuple[PreparedRequest, Segment]]:
+        for window in self.clip:
+            request = _request(self.tokenizer, self.options, self.sampling, f"{self.item_id}#{window.index}",
+                               [(AUDIO, window.tokens)], audio_frames=[window.frames])
+            yield request, Segment(window.index, 0, window.start_s, window.end_s)
+
+    @property
+    def detail(self) -> dict:
+        return {"duration_s": self.clip.duration_s, "sample_rate": self.clip.sample_rate_in,
+                "channels": self.clip.channels_in}
 
 
 def prepare_item(
@@ -96,19 +129,10 @@ def prepare_item(
     """Decode, tokenize and build the prompt(s) for one item. Raises ItemError subclasses on bad input."""
     label = name or item_id
     options.validate(label)
-    modality = modality or detect_modality(data, name)
-    if modality not in _TASK_MODALITIES[options.task]:
-        raise UnsupportedInput(f"task {options.task.value!r} does not take {modality} input", item=label)
+    modality = check_modality(options, modality or detect_modality(data, name), label)
 
     def request(suffix: str, media: list[tuple[str, int]], **arrays) -> PreparedRequest:
-        prompt = build_prompt(tokenizer, options, media)
-        return PreparedRequest(
-            id=item_id + suffix,
-            prompt_token_ids=prompt.ids,
-            mm_token_type_ids=prompt.mm_token_type_ids,
-            sampling=sampling,
-            **arrays,
-        )
+        return _request(tokenizer, options, sampling, item_id + suffix, media, **arrays)
 
     if modality == IMAGE:
         image = image_media.prepare_image(
@@ -119,17 +143,13 @@ def prepare_item(
         return PreparedItem(item_id, IMAGE, [req], [Segment()], detail)
 
     if modality == AUDIO:
-        clip = audio_media.prepare_audio(
-            data, item=label, window_s=limits.window_s, overlap_s=limits.overlap_s, max_duration_s=limits.max_audio_s
-        )
-        count = len(clip.windows)
-        requests, segments = [], []
-        for window in clip.windows:
-            suffix = "" if count == 1 else f"#{window.index}"
-            requests.append(request(suffix, [(AUDIO, window.tokens)], audio_frames=[window.frames]))
-            segments.append(Segment(window.index, count, window.start_s, window.end_s))
-        detail = {"duration_s": clip.duration_s, "sample_rate": clip.sample_rate_in, "channels": clip.channels_in}
-        return PreparedItem(item_id, AUDIO, requests, segments, detail)
+        windows = AudioRequests(data, item_id=item_id, tokenizer=tokenizer, options=options, label=label,
+                                limits=limits, sampling=sampling)
+        pairs = list(windows)
+        count = len(pairs)
+        requests = [req if count > 1 else replace(req, id=item_id) for req, _ in pairs]
+        segments = [replace(segment, count=count) for _, segment in pairs]
+        return PreparedItem(item_id, AUDIO, requests, segments, windows.detail)
 
     if modality == DOCUMENT:
         document = document_media.prepare_pdf(
@@ -167,8 +187,6 @@ def prepare_item(
 
 
 def _with_document_text(options: TaskOptions, text: str) -> TaskOptions:
-    from dataclasses import replace
-
     if options.task is Task.answer:
         return replace(options, question=f"{text}\n\n{options.question}")
     return replace(options, prompt=f"{text}\n\n{options.prompt}")

@@ -18,14 +18,10 @@ import fsspec
 
 from pipelines.config import InputSpec
 from pipelines.errors import StorageError
+from pipelines.media.sniff import MEDIA_SUFFIXES
 
 MANIFEST_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
 ROW_FIELDS = ("question", "prompt", "source_language", "target_language", "language")
-MEDIA_SUFFIXES = {
-    ".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".jfif",
-    ".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".webm",
-    ".pdf", ".txt", ".md", ".markdown",
-}  # fmt: skip
 
 LISTING_SCHEMA_FIELDS = ("id", "uri", "kind", "data", *ROW_FIELDS, "max_soft_tokens")
 
