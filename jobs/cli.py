@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
 app = typer.Typer(
     help="Batch and online inference for Gemma 4 12B Unified: images, audio and documents in, text out.",
@@ -41,7 +41,7 @@ def inspect(
     storage_option: Optional[List[str]] = typer.Option(None, help="fsspec storage option KEY=VALUE (repeatable)."),
 ) -> None:
     """Show what the model will see of each file: modality, sizes, patch grid, audio windows, token counts."""
-    from jobs.inspect import describe, inspect_file
+    from jobs.inspect import describe, inspect_files
     from pipelines.models import load_tokenizer
     from pipelines.prepare import MediaLimits
     from pipelines.prompts import Task, TaskOptions
@@ -56,16 +56,14 @@ def inspect(
     limits = MediaLimits(max_soft_tokens=max_soft_tokens, window_s=window_s, overlap_s=overlap_s, max_pages=max_pages)
     tokenizer = load_tokenizer(model)
     storage = _parse_storage_options(storage_option)
-    records = [inspect_file(f, tokenizer=tokenizer, options=options, limits=limits, storage_options=storage) for f in files]
-    if as_json:
-        for record in records:
+    failed = False
+    for record in inspect_files(files, tokenizer=tokenizer, options=options, limits=limits, storage_options=storage):
+        failed = failed or bool(record["error"])  # each record prints as soon as its file is done
+        if as_json:
             typer.echo(json.dumps(record))
-    else:
-        table = Table("file", "modality", "tokens", "details")
-        for record in records:
-            table.add_row(record["file"], record["modality"] or "-", str(record["tokens"] or "-"), describe(record))
-        console.print(table)
-    if any(record["error"] for record in records):
+        else:
+            console.print(f"[bold]{escape(record['file'])}[/bold]  {escape(describe(record))}", soft_wrap=True)
+    if failed:
         raise typer.Exit(code=1)
 
 

@@ -1,17 +1,35 @@
-"""`gemma-unified inspect`: what the model will see of each file, before any GPU is involved."""
+"""`gemma-unified inspect`: what the model will see of each file, before any GPU is involved.
+
+Records stream: each file's record is yielded as soon as that file is done, and audio is decoded window by window
+from the open file, so neither a long list of files nor a four-hour recording is held in memory.
+"""
 
 from __future__ import annotations
+
+import io
+import logging
+from typing import Iterable, Iterator
 
 import fsspec
 
 from pipelines.errors import GemmaUnifiedError
-from pipelines.prepare import AUDIO, DOCUMENT, IMAGE, MediaLimits, prepare_item
+from pipelines.prepare import (
+    AUDIO,
+    DOCUMENT,
+    IMAGE,
+    AudioRequests,
+    MediaLimits,
+    check_modality,
+    detect_modality,
+    prepare_item,
+)
 from pipelines.prompts import TaskOptions
 
+logger = logging.getLogger(__name__)
 
-def inspect_file(url: str, *, tokenizer, options: TaskOptions, limits: MediaLimits, storage_options=None) -> dict:
-    """One JSON-ready record per file; a bad file gives a record with `error` set, never an exception."""
-    record: dict = {
+
+def _empty_record(url: str) -> dict:
+    return {
         "file": url,
         "modality": None,
         "tokens": None,
@@ -24,12 +42,40 @@ def inspect_file(url: str, *, tokenizer, options: TaskOptions, limits: MediaLimi
         "requests": None,
         "error": None,
     }
+
+
+def inspect_files(
+    urls: Iterable[str], *, tokenizer, options: TaskOptions, limits: MediaLimits, storage_options=None
+) -> Iterator[dict]:
+    """One record per file, in order, each as soon as it is ready. Never raises for a file: an unexpected
+    exception (a bug, a decoder crash) becomes that file's `error`, and the next file goes on."""
+    for url in urls:
+        try:
+            record = inspect_file(url, tokenizer=tokenizer, options=options, limits=limits,
+                                  storage_options=storage_options)
+        except Exception as exc:
+            logger.debug("inspect %s failed unexpectedly", url, exc_info=True)
+            record = {**_empty_record(url), "error": f"{url}: {type(exc).__name__}: {exc}"}
+        yield record
+
+
+def inspect_file(url: str, *, tokenizer, options: TaskOptions, limits: MediaLimits, storage_options=None) -> dict:
+    """One JSON-ready record for one file; a bad file gives a record with `error` set."""
+    record = _empty_record(url)
     try:
         with fsspec.open(url, "rb", **(storage_options or {})) as handle:
-            data = handle.read()
-        item = prepare_item(data, item_id=url, name=url, tokenizer=tokenizer, options=options, limits=limits)
-    except (GemmaUnifiedError, OSError) as exc:
+            source = handle if handle.seekable() else io.BytesIO(handle.read())  # a pipe: read it whole
+            options.validate(url)
+            modality = check_modality(options, detect_modality(source, url), url)
+            if modality == AUDIO:
+                return _inspect_audio(record, source, url, tokenizer, options, limits)
+            item = prepare_item(source.read(), item_id=url, name=url, tokenizer=tokenizer, options=options,
+                                limits=limits, modality=modality)
+    except GemmaUnifiedError as exc:
         record["error"] = str(exc)
+        return record
+    except OSError as exc:
+        record["error"] = str(exc) if url in str(exc) else f"{url}: {exc}"
         return record
     record["modality"] = item.modality
     record["requests"] = len(item.requests)
@@ -39,17 +85,24 @@ def inspect_file(url: str, *, tokenizer, options: TaskOptions, limits: MediaLimi
         record["size_decoded"] = item.detail["size_decoded"]
         record["size"] = item.detail["size"]
         record["grid"] = item.detail["grid"]
-    elif item.modality == AUDIO:
-        record["duration_s"] = round(item.detail["duration_s"], 3)
-        record["sample_rate"] = item.detail["sample_rate"]
-        record["channels"] = item.detail["channels"]
-        record["windows"] = [
-            [round(seg.start_s, 3), round(seg.end_s, 3), req.audio_tokens]
-            for seg, req in zip(item.segments, item.requests)
-        ]
     elif item.modality == DOCUMENT:
         record["pages"] = item.detail["pages"]
         record["windows"] = [[seg.pages[0], seg.pages[-1], req.image_tokens] for seg, req in zip(item.segments, item.requests)]
+    return record
+
+
+def _inspect_audio(record: dict, handle, url: str, tokenizer, options: TaskOptions, limits: MediaLimits) -> dict:
+    """Audio straight from the open file, one window at a time: each window's frames are dropped once counted."""
+    windows = AudioRequests(handle, item_id=url, tokenizer=tokenizer, options=options, label=url, limits=limits)
+    spans, prompt_tokens = [], []
+    for request, segment in windows:
+        spans.append([round(segment.start_s, 3), round(segment.end_s, 3), request.audio_tokens])
+        prompt_tokens.append(request.prompt_tokens)
+    record.update(modality=AUDIO, requests=len(spans), tokens=sum(n for *_, n in spans),
+                  prompt_tokens=prompt_tokens, windows=spans)
+    detail = windows.detail
+    record.update(duration_s=round(detail["duration_s"], 3), sample_rate=detail["sample_rate"],
+                  channels=detail["channels"])
     return record
 
 
