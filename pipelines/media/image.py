@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -29,8 +30,10 @@ _POOLING = 3
 
 _ORIENTATION = 0x0112
 
-# Pillow's own bomb check warns or raises at its own thresholds; ours runs first with the configured limit.
-Image.MAX_IMAGE_PIXELS = None
+_HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+# Pillow refuses images over twice its MAX_IMAGE_PIXELS while opening them; our limit is configured separately and
+# may be higher, so that refusal is lifted for the one header read it blocks, under this lock (see _open).
+_PILLOW_LIMIT_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ def decode_image(data: bytes, *, item: str | None = None, max_pixels: int = DEFA
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
+            image = _open(data)
             width, height = image.size
             if width * height > max_pixels:
                 raise LimitExceeded(
@@ -109,15 +112,35 @@ def decode_image(data: bytes, *, item: str | None = None, max_pixels: int = DEFA
         raise DecodeError(f"corrupt or truncated image ({exc})", item=item) from None
 
 
+def _open(data: bytes) -> Image.Image:
+    """Image.open, reading only the header; Pillow's own size refusal does not pre-empt the configured limit.
+
+    Pillow's limit stays as it is for every other caller: it is lifted only to re-read the header of an image it
+    refused, and decode_image checks the size against max_pixels before a single pixel is decoded.
+    """
+    try:
+        return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        with _PILLOW_LIMIT_LOCK:
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                return Image.open(io.BytesIO(data))
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+
+
 def _to_rgb_array(image: Image.Image) -> np.ndarray:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        values = np.array(image)
-        if image.mode.startswith("I;16"):
-            gray = (values >> 8).astype(np.uint8)
-        else:
-            top = 65535.0 if values.max(initial=0) > 255 else 255.0
-            gray = np.clip(values.astype(np.float64) * (255.0 / top), 0, 255).round().astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2)
+    transparency = image.info.get("transparency")
+    if image.mode in _HIGH_DEPTH_MODES:
+        values = np.asarray(image)
+        gray = _scale_to_8_bits(values, image.mode)
+        rgb = np.repeat(gray[:, :, None], 3, axis=2)
+        if isinstance(transparency, (int, float)):  # tRNS on 16-bit gray: one value is transparent
+            rgb[values == transparency] = 255  # composited on white
+        return rgb
+    if image.mode == "RGB" and isinstance(transparency, tuple) and max(transparency) > 255:
+        # A 16-bit PNG's tRNS colour has 16 bits a channel; Pillow keeps the high 8 bits of each pixel.
+        image.info["transparency"] = tuple(value >> 8 for value in transparency)
     has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
     if has_alpha:
         rgba = image.convert("RGBA")
@@ -126,6 +149,14 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
     if image.mode != "RGB":
         image = image.convert("RGB")
     return np.asarray(image)  # one copy out of Pillow; read-only, and nothing downstream writes to it
+
+
+def _scale_to_8_bits(values: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit, 32-bit and float gray to 8 bits by scaling the full range down, never by clipping."""
+    if mode.startswith("I;16"):
+        return (values >> 8).astype(np.uint8)
+    top = 65535.0 if values.max(initial=0) > 255 else 255.0
+    return np.clip(values.astype(np.float64) * (255.0 / top), 0, 255).round().astype(np.uint8)
 
 
 def resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:

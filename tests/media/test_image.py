@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import struct
+import subprocess
+import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -131,6 +135,78 @@ def test_sixteen_bit_png_is_scaled_not_clipped(reference):
     # From the 8-bit image on, the path equals transformers'.
     eight_bit = Image.fromarray(np.repeat(expected_gray[..., None], 3, axis=2))
     assert_matches_reference(reference, data, eight_bit, 280)
+
+
+def png(pixels: np.ndarray, color_type: int, trns: bytes | None = None) -> bytes:
+    """A 16-bit PNG written by hand (Pillow cannot write 16-bit colour or tRNS on 16-bit gray)."""
+    height, width = pixels.shape[:2]
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + (chunk(b"tRNS", trns) if trns else b"")
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_sixteen_bit_gray_with_trns_is_composited_on_white_and_scaled():
+    values = np.array([[0, 1000, 40000, 65535], [1000, 2, 256, 1000]], np.uint16)
+    data = png(values, color_type=0, trns=struct.pack(">H", 1000))
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    rgb = decode_image(data)
+    expected = np.where(values == 1000, 255, values >> 8).astype(np.uint8)
+    assert np.array_equal(rgb, np.repeat(expected[..., None], 3, axis=2))
+
+
+def test_sixteen_bit_rgb_with_trns_is_composited_on_white():
+    values = np.zeros((2, 3, 3), np.uint16)
+    values[0, 0] = (0x1234, 0x5678, 0x9ABC)  # the transparent colour
+    values[0, 1] = (0x8000, 0x4000, 0x2000)
+    values[1, 2] = (0x1234, 0x5678, 0x9ABC)
+    data = png(values, color_type=2, trns=struct.pack(">HHH", 0x1234, 0x5678, 0x9ABC))
+    rgb = decode_image(data)
+    assert (rgb[0, 0] == 255).all() and (rgb[1, 2] == 255).all()
+    assert rgb[0, 1].tolist() == [0x80, 0x40, 0x20] and rgb[1, 0].tolist() == [0, 0, 0]
+
+
+def test_sixteen_bit_gray_alpha_is_composited_on_white():
+    values = np.zeros((1, 3, 2), np.uint16)
+    values[..., 0] = 0x2000  # dark gray
+    values[0, :, 1] = (0, 65535, 32896)  # transparent, opaque, half
+    rgb = decode_image(png(values, color_type=4))
+    assert rgb[0, 0].tolist() == [255] * 3 and rgb[0, 1].tolist() == [0x20] * 3
+    assert 0x20 < rgb[0, 2, 0] < 255 and abs(int(rgb[0, 2, 0]) - (0x20 + 255) / 2) <= 1
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGB", "1"])
+def test_trns_in_eight_bit_modes_is_composited_on_white(mode):
+    image = Image.fromarray(np.array([[0, 200], [200, 0]], np.uint8)).convert(mode)
+    transparent = image.getpixel((0, 0))
+    rgb = decode_image(_encode(image, "PNG", transparency=transparent))
+    assert rgb[0, 0].tolist() == [255] * 3 and rgb[1, 1].tolist() == [255] * 3
+    assert rgb[0, 1].tolist() != [255] * 3 or mode == "1"
+
+
+def test_pillow_bomb_limit_is_left_as_it_was_for_other_code():
+    script = (
+        "from PIL import Image; default = Image.MAX_IMAGE_PIXELS; import pipelines.media.image; "
+        "assert Image.MAX_IMAGE_PIXELS == default == 89478485, Image.MAX_IMAGE_PIXELS"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+
+
+def test_images_over_pillows_limit_follow_ours_and_pillows_stays(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses over 2000 pixels
+    data = _encode(Image.fromarray(_photo(100, 100)), "PNG")
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(data))
+    assert decode_image(data, max_pixels=20_000).shape == (100, 100, 3)  # our limit decides
+    with pytest.raises(LimitExceeded, match="10,000 pixels"):
+        decode_image(data, max_pixels=5_000)
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(data))  # other code keeps Pillow's guard
 
 
 def test_truncated_image_is_a_decode_error():
