@@ -60,6 +60,9 @@ _FORM_KINDS = {b"AIFF": AUDIO, b"AIFC": AUDIO, b"8SVX": AUDIO}
 # ISO BMFF brands of still images (AVIF, HEIF); any other `ftyp` is an MP4/MOV/3GP/M4A family file.
 _IMAGE_BRANDS = {b"avif", b"avis", b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
 _BMP_HEADER_SIZES = {12, 16, 40, 52, 56, 64, 108, 124}
+# FFmpeg demuxers of video containers: a file they open is one whose audio track we want (or lack). Others that
+# find a video stream (image sequences, ANSI art in text) do not make a file audio.
+_VIDEO_DEMUXERS = {"mov", "mp4", "matroska", "webm", "avi", "asf", "flv", "mpegts", "mpeg", "ogg", "rm", "nut", "mxf"}
 
 
 def modality_of(source: Source, name: str | None = None) -> str | None:
@@ -141,16 +144,11 @@ def _by_probe(handle: BinaryIO) -> str | None:
 
     try:
         with av.open(handle, mode="r") as container:
-            if container.streams.audio or container.streams.video and not _is_image_demuxer(container):
+            if container.streams.audio or set(container.format.name.split(",")) & _VIDEO_DEMUXERS:
                 return AUDIO  # the audio decoder reads the track, or says the file has none
     except (av.FFmpegError, ValueError, OSError):
         pass
     return None
-
-
-def _is_image_demuxer(container) -> bool:
-    name = container.format.name
-    return name.endswith("_pipe") or name in {"image2", "gif", "apng", "webp", "ico", "bmp", "png"}
 
 
 def _by_text(head: bytes) -> str | None:

@@ -121,10 +121,17 @@ def xing_frames(data: bytes) -> int:
 
 def overstate_xing(data: bytes, factor: int) -> bytes:
     """The Xing/Info frame and byte counts multiplied by factor (the LAME tag's CRC kept valid)."""
+    xing, _ = _xing(data)
+    frames, size = struct.unpack(">II", data[xing + 8 : xing + 16])
+    return set_xing_counts(data, frames * factor, size * factor)
+
+
+def set_xing_counts(data: bytes, frames: int, size: int | None = None) -> bytes:
+    """The Xing/Info frame count (and byte count) set by hand, the LAME tag's CRC kept valid."""
     out = bytearray(data)
     xing, header = _xing(data)
-    frames, size = struct.unpack(">II", data[xing + 8 : xing + 16])
-    struct.pack_into(">II", out, xing + 8, min(frames * factor, 0xFFFFFFFF), min(size * factor, 0xFFFFFFFF))
+    size = struct.unpack(">I", data[xing + 12 : xing + 16])[0] if size is None else size
+    struct.pack_into(">II", out, xing + 8, min(frames, 0xFFFFFFFF), min(size, 0xFFFFFFFF))
     _fix_lame_crc(out, xing, header)
     return bytes(out)
 

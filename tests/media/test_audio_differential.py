@@ -20,12 +20,14 @@ from media_makers import (
     lame_mp3,
     overstate_lame,
     overstate_xing,
+    set_xing_counts,
     vbri,
     with_apev2,
     with_id3v1,
     xing_frames,
 )
 
+from jobs.samples import speech
 from pipelines.errors import DecodeError
 from pipelines.media import audio
 from pipelines.media.audio import FRAME, SAMPLE_RATE, AudioStream, window_spans
@@ -81,6 +83,11 @@ MADE = {
     "tiny-vbr-10ms-48k.mp3": lame_mp3(0.01, rate=48000),
     "tiny-vbr-padding-over-length.mp3": overstate_lame(lame_mp3(0.01)),
     "tiny-vbr-10ms-apev2.mp3": with_apev2(lame_mp3(0.01)),
+    # Claims one frame, less than its LAME delay and padding: libsndfile reports an unknown length on a stream it
+    # calls unseekable, where SoundFile.blocks raised ValueError (an uncaught crash).
+    "tiny-vbr-claims-1-frame.mp3": overstate_lame(set_xing_counts(lame_mp3(0.01), 1), delay=576, padding=1500),
+    "claims-1-frame.mp3": overstate_lame(set_xing_counts(BASE_VBR, 1), delay=576, padding=1500),
+    "claims-0-frames.mp3": set_xing_counts(BASE_VBR, 0),
     "aac.m4a": av_file("ipod", "aac"),
     "aac-mpeg4.mp4": av_file("mp4", "aac", video_codec="mpeg4"),
     "alac.mov": av_file("mov", "alac", seconds=0.5),
@@ -107,6 +114,11 @@ def test_made_files_match_a_one_shot_decode(name):
     check_against_one_shot(MADE[name], name)
 
 
+def test_the_demo_speech_clip_matches_a_one_shot_decode(tmp_path):
+    path = speech(tmp_path / "speech.wav")  # espeak-ng's voice when installed
+    check_against_one_shot(path.read_bytes(), "speech.wav")
+
+
 def test_the_hostile_mp3s_really_lie():
     """The makers did what they claim: headers overstate, tags trail, and libsndfile's count is wrong."""
     assert xing_frames(MADE["xing-x50.mp3"]) == 50 * xing_frames(BASE_VBR)
@@ -126,6 +138,14 @@ def test_a_header_claiming_days_decodes_to_the_audio_there():
     data = overstate_xing(BASE_VBR, 100_000)
     clip = check_against_one_shot(data, "liar.mp3", same_decoder=False)  # a one-shot read cannot allocate that
     assert clip.decoder == "soundfile" and clip.duration_s == pytest.approx(2.0, abs=0.05)
+
+
+def test_the_file_that_crashed_soundfile_blocks_is_decoded():
+    data = MADE["tiny-vbr-claims-1-frame.mp3"]
+    with pytest.raises(ValueError), sf.SoundFile(io.BytesIO(data)) as f:
+        list(f.blocks(1024, dtype="float32"))
+    clip = check_against_one_shot(data, "tiny.mp3")
+    assert clip.tokens == 1
 
 
 def test_padding_longer_than_the_audio_is_a_clear_error():

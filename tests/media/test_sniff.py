@@ -81,6 +81,7 @@ CONTENT = {
     "wma": (lambda: av_file("asf", "wmav2", bit_rate=128_000), AUDIO),
     "wavpack": (lambda: av_file("wv", "wavpack", seconds=0.2), AUDIO),
     "mpeg-ts (FFmpeg probe)": (lambda: av_file("mpegts", "aac"), AUDIO),
+    "mpeg-ts without audio (FFmpeg probe)": (lambda: av_file("mpegts", None, video_codec="mpeg4"), AUDIO),
     "markdown": (lambda: "# Notes\nRevenue grew 12 percent.\n".encode(), TEXT),
     "utf-8 cut inside a character": (lambda: "é".encode() * 3000, TEXT),
 }
