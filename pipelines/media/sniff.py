@@ -88,8 +88,6 @@ def sniff(source: Source) -> str | None:
 
 
 def _by_magic(head: bytes) -> str | None:
-    if _PDF_MAGIC in head[:1024]:
-        return DOCUMENT
     for prefix, modality in _MAGIC:
         if head.startswith(prefix):
             return modality
@@ -100,6 +98,8 @@ def _by_magic(head: bytes) -> str | None:
         return _FORM_KINDS[kind]
     if head[4:8] == b"ftyp":
         return IMAGE if head[8:12] in _IMAGE_BRANDS else AUDIO
+    if _PDF_MAGIC in head[:1024]:  # after the fixed-offset signatures: a PNG's text chunk may quote "%PDF-"
+        return DOCUMENT
     if head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in _BMP_HEADER_SIZES:
         return IMAGE
     if _is_mpeg_audio_frame(head):

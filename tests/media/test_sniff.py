@@ -43,6 +43,14 @@ def pdf_bytes() -> bytes:
         return path.read_bytes()
 
 
+def _png_text(text: str):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", text)
+    return info
+
+
 def raw_mp3_frames() -> bytes:
     """MP3 frames with no ID3 tag and no Xing header: the file starts with a frame sync."""
     return av_file("mp3", "libmp3lame", options={"write_xing": "0", "id3v2_version": "0"})
@@ -82,6 +90,8 @@ CONTENT = {
     "wavpack": (lambda: av_file("wv", "wavpack", seconds=0.2), AUDIO),
     "mpeg-ts (FFmpeg probe)": (lambda: av_file("mpegts", "aac"), AUDIO),
     "mpeg-ts without audio (FFmpeg probe)": (lambda: av_file("mpegts", None, video_codec="mpeg4"), AUDIO),
+    "png quoting %PDF- in a text chunk": (lambda: image_bytes("PNG", pnginfo=_png_text("see %PDF-1.7")), IMAGE),
+    "pdf after junk": (lambda: b"\xef\xbb\xbf  \n" + pdf_bytes(), DOCUMENT),
     "markdown": (lambda: "# Notes\nRevenue grew 12 percent.\n".encode(), TEXT),
     "utf-8 cut inside a character": (lambda: "é".encode() * 3000, TEXT),
 }
