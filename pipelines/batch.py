@@ -13,6 +13,7 @@ from pipelines.config import JobSpec
 from pipelines.environment import forwarded_env
 from pipelines.sinks import ERRORS, RESULTS, OutputDir
 from pipelines.sources import check_reachable, detect_format, iter_listing
+from pipelines.stitch import stitch_windows
 
 LISTING_PAGE = 10_000
 
@@ -226,6 +227,9 @@ def run(job: JobSpec, *, progress: bool = True) -> JobSummary:
         summary.prompt_tokens += int(np.sum(batch["prompt_tokens"]))
         summary.spec_drafted += int(np.sum(batch["spec_drafted"]))
         summary.spec_accepted += int(np.sum(batch["spec_accepted"]))
+    clips = stitch_windows(out)
+    summary.run_succeeded += clips.succeeded
+    summary.run_failed += clips.failed
     summary.wall_s = time.perf_counter() - started
     timings["run_s"] = summary.wall_s - timings["setup_s"]
     summary.timings = timings

@@ -1,8 +1,9 @@
 """Prepared units as plain Arrow-friendly rows, and back.
 
-A unit is what ends as exactly one output row: an image, a text, a document page window, or a whole audio clip
-(its 30-second windows travel together so the transcript is stitched without a shuffle). A unit holds one or more
-requests; their arrays are concatenated with per-request counts, so every column is a flat array or a scalar.
+A unit is what ends as exactly one output row: an image, a text, a document page window, an audio clip of one window,
+or one window of a longer clip (`ITEM#wN`, stitched into the clip's row after the run, see pipelines/stitch.py).
+A unit holds one or more requests; their arrays are concatenated with per-request counts, so every column is a flat
+array or a scalar.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import numpy as np
 from pipelines.errors import GemmaUnifiedError
 
 RESULTS, ERRORS, MANIFEST = "results", "errors", "_job.json"
+WINDOWS = "_windows"  # staged rows of single audio windows, until their clip is whole (pipelines/stitch.py)
 
 
 class SpecMismatch(GemmaUnifiedError):
@@ -50,15 +51,32 @@ class OutputDir:
                 values.extend(pq.read_table(handle, columns=[column]).column(column).to_pylist())
         return np.asarray(values, dtype=object)
 
-    def read_table(self, folder: str):
+    def read_table(self, folder: str, columns: list[str] | None = None):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         tables = []
         for part in self.parts(folder):
             with self.fs.open(part, "rb") as handle:
-                tables.append(pq.read_table(handle))
+                tables.append(pq.read_table(handle, columns=columns))
         return pa.concat_tables(tables) if tables else None
+
+    def write_part(self, table, relative: str) -> None:
+        """One Parquet part, published whole: a killed job never leaves half a file behind."""
+        import uuid
+
+        import pyarrow.parquet as pq
+
+        path = self.path(relative)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        if "file" in (self.fs.protocol if isinstance(self.fs.protocol, (list, tuple)) else [self.fs.protocol]):
+            temporary = f"{path}.{uuid.uuid4().hex}.tmp"  # local disks: write aside, then rename
+            with self.fs.open(temporary, "wb") as handle:
+                pq.write_table(table, handle)
+            self.fs.mv(temporary, path)
+        else:
+            with self.fs.open(path, "wb") as handle:  # object stores publish an object only when it is complete
+                pq.write_table(table, handle)
 
     def read_manifest(self) -> dict | None:
         try:
@@ -82,10 +100,14 @@ class OutputDir:
             )
 
     def done_ids(self, retry_failed: bool) -> np.ndarray:
-        """Sorted ids to skip: every result, plus every error when failures are not retried."""
+        """Sorted ids to skip: every result, every staged audio window that succeeded, and every error when failures
+        are not retried."""
         ids = list(self.read_column(RESULTS))
         if not retry_failed:
             ids += list(self.read_column(ERRORS))
+        staged = self.read_table(WINDOWS, columns=["id", "error"])
+        if staged is not None:
+            ids += [i for i, e in zip(staged.column("id").to_pylist(), staged.column("error").to_pylist()) if e is None]
         return np.asarray(sorted(set(ids)), dtype=str)
 
     def drop_errors(self) -> int:

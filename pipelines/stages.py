@@ -9,16 +9,18 @@ from __future__ import annotations
 import hashlib
 import json
 import traceback
-import uuid
+from dataclasses import replace
+from typing import Iterator
 
 import numpy as np
 
 from pipelines.config import JobSpec
 from pipelines.engines.base import GenerationResult, SamplingParams
-from pipelines.errors import GemmaUnifiedError, ItemError
-from pipelines.prepare import AUDIO, MediaLimits, prepare_item
+from pipelines.errors import DecodeError, ItemError
+from pipelines.prepare import AUDIO, AudioRequests, MediaLimits, check_modality, detect_modality, prepare_item
 from pipelines.prompts import Task, TaskOptions, parse_translation
 from pipelines.rows import FRAME, pack, unpack
+from pipelines.sinks import ERRORS, RESULTS, WINDOWS
 from pipelines.media.image import PATCH_DIM
 
 RESULT_COLUMNS = {
@@ -30,7 +32,12 @@ RESULT_COLUMNS = {
 }  # fmt: skip
 ERROR_COLUMNS = {"id": "string", "item_id": "string", "source": "string", "task": "string", "stage": "string",
                  "error": "string"}  # fmt: skip
-GENERATED_COLUMNS = {**RESULT_COLUMNS, "error": "string", "error_stage": "string"}
+# `window_total` is null for a whole unit; for one window of a long audio clip it is 0, or the clip's window count on
+# its last window. Window rows are staged and stitched into one row per clip after the run (pipelines/stitch.py).
+GENERATED_COLUMNS = {**RESULT_COLUMNS, "error": "string", "error_stage": "string", "window_total": "int64"}
+WINDOW_COLUMNS = GENERATED_COLUMNS
+# A Prepare task hands its units on once they hold this many bytes of arrays, so a long clip never sits whole in memory.
+PREPARE_FLUSH_BYTES = 32 * 2**20
 
 
 def _result_table(rows: list[dict]):
@@ -99,11 +106,13 @@ class Prepare:
 
         return load_tokenizer(self.job.model)
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: dict):
+        """Yields batches of units as they fill up (Ray Data streams each one on): memory holds a few windows."""
         from pipelines.sources import read_items
 
         _require(batch, self.needs, "prepare")
         units: list[dict] = []
+        held = 0
         for index in range(len(batch["id"])):
             row = {key: _scalar(values[index]) for key, values in batch.items()}
             if row.get("id") and self._is_done(row["id"]):
@@ -114,14 +123,16 @@ class Prepare:
                 units.append(self._error(row.get("id") or row["uri"], row["uri"], "read", exc))
                 continue
             for item in items:
-                units.extend(self._prepare(item))
-        return _columns(units)
+                for unit in self._prepare(item):
+                    units.append(unit)
+                    held += _array_bytes(unit)
+                    if held >= PREPARE_FLUSH_BYTES:
+                        yield _columns(units)
+                        units, held = [], 0
+        if units:
+            yield _columns(units)
 
-    def _prepare(self, item) -> list[dict]:
-        if self._is_done(item.id):
-            return []
-        if "_missing" in item.fields:
-            return [self._error(item.id, item.source, "read", ItemError(item.fields["_missing"]))]
+    def _options(self, item) -> tuple[TaskOptions, MediaLimits, SamplingParams]:
         task = self.job.task
         options = TaskOptions(
             task=Task(task.task),
@@ -141,33 +152,67 @@ class Prepare:
             max_new_tokens=task.max_new_tokens, temperature=task.temperature, top_p=task.top_p,
             top_k=task.top_k, seed=task.seed, stop=tuple(task.stop),
         )
+        return options, limits, sampling
+
+    def _prepare(self, item) -> Iterator[dict]:
+        if self._is_done(item.id):
+            return
+        if "_missing" in item.fields:
+            yield self._error(item.id, item.source, "read", ItemError(item.fields["_missing"]))
+            return
+        options, limits, sampling = self._options(item)
+        base = {"item_id": item.id, "source": item.source, "task": self.job.task.task, "error": None,
+                "error_stage": None, "window_total": None}
         try:
+            options.validate(item.source)
+            modality = check_modality(options, detect_modality(item.data, item.source), item.source)
+            if modality == AUDIO:
+                yield from self._audio_units(item, base, options, limits, sampling)
+                return
             prepared = prepare_item(
                 item.data, item_id=item.id, name=item.source, tokenizer=self.tokenizer(),
-                options=options, limits=limits, sampling=sampling,
+                options=options, limits=limits, sampling=sampling, modality=modality,
             )
-        except GemmaUnifiedError as exc:
-            return [self._error(item.id, item.source, "prepare", exc)]
-        except Exception as exc:  # a decoder bug must not take the job down: the item becomes an error row
-            return [self._error(item.id, item.source, "prepare", exc)]
-
-        base = {"item_id": item.id, "source": item.source, "task": task.task, "error": None, "error_stage": None}
-        if prepared.modality == AUDIO:
-            # All windows of a clip form one unit, so the transcript is stitched inside the model actor.
-            spans = [[s.start_s, s.end_s] for s in prepared.segments]
-            return [{**base, "id": item.id, "segments_in": json.dumps(spans), "pages": "[]", **pack(prepared.requests)}]
-        units = []
+        except Exception as exc:  # ItemError, or a decoder bug: either way the item becomes an error row
+            yield self._error(item.id, item.source, "prepare", exc)
+            return
         for request, segment in zip(prepared.requests, prepared.segments):
             if request.id != item.id and self._is_done(request.id):
                 continue
-            units.append({**base, "id": request.id, "segments_in": "[]", "pages": json.dumps(segment.pages),
-                          **pack([request])})
-        return units
+            yield {**base, "id": request.id, "segments_in": "[]", "pages": json.dumps(segment.pages),
+                   **pack([request])}
+
+    def _audio_units(self, item, base: dict, options, limits, sampling) -> Iterator[dict]:
+        """A clip of one window is one unit; a longer clip is one unit per window, `ITEM#wN`, stitched after the run.
+
+        One window is held back until the next decodes, so the last one can carry the window count.
+        """
+        windows = AudioRequests(item.data, item_id=item.id, tokenizer=self.tokenizer(), options=options,
+                                label=item.source, limits=limits, sampling=sampling)
+
+        def unit(request, segment, total: int | None) -> dict:
+            unit_id = item.id if total is None else f"{item.id}#w{segment.index}"
+            return {**base, "id": unit_id, "segments_in": json.dumps([[segment.start_s, segment.end_s]]),
+                    "pages": "[]", "window_total": total, **pack([replace(request, id=unit_id)])}
+
+        held = None
+        for request, segment in windows:
+            if held is not None:
+                if not self._is_done(f"{item.id}#w{held[1].index}"):
+                    yield unit(*held, 0)
+            held = (request, segment)
+        if held is None:
+            raise DecodeError("no audio samples decoded", item=item.source)
+        if held[1].index == 0:
+            yield unit(*held, None)
+        elif not self._is_done(f"{item.id}#w{held[1].index}"):
+            yield unit(*held, held[1].index + 1)
 
     def _error(self, unit_id: str, source: str, stage: str, exc: Exception) -> dict:
         message = exc.message if isinstance(exc, ItemError) else f"{type(exc).__name__}: {exc}"
         return {"id": unit_id, "item_id": unit_id, "source": source, "task": self.job.task.task,
-                "error": message, "error_stage": stage, "segments_in": "[]", "pages": "[]", **_empty_arrays()}
+                "error": message, "error_stage": stage, "segments_in": "[]", "pages": "[]", "window_total": None,
+                **_empty_arrays()}
 
 
 _DONE_CACHE: dict[str, np.ndarray] = {}
@@ -182,6 +227,10 @@ def _done_ids(ref) -> np.ndarray:
         _DONE_CACHE.clear()
         _DONE_CACHE[key] = ray.get(ref)
     return _DONE_CACHE[key]
+
+
+def _array_bytes(unit: dict) -> int:
+    return sum(value.nbytes for value in unit.values() if isinstance(value, np.ndarray))
 
 
 def _scalar(value):
@@ -278,42 +327,59 @@ class Generate:
             "latency_s": float(sum(r.latency_s for r in results)),
             "spec_drafted": sum(drafted) if drafted else None,
             "spec_accepted": sum(r.spec_accepted or 0 for r in results) if drafted else None,
-            "error": None, "error_stage": None,
+            "error": None, "error_stage": None, "window_total": _window_total(row),
         }
 
 
 def _error_row(row: dict, stage: str, message: str) -> dict:
     empty = {key: None for key in RESULT_COLUMNS}
     return {**empty, "id": row["id"], "item_id": row["item_id"], "source": row["source"], "task": row["task"],
-            "error": message, "error_stage": stage}
+            "error": message, "error_stage": stage, "window_total": _window_total(row)}
+
+
+def _window_total(row: dict) -> int | None:
+    value = row.get("window_total")
+    return None if value is None else int(value)
 
 
 class Write:
-    """result/error rows -> Parquet part files under results/ and errors/; returns small stats rows."""
+    """result/error rows -> Parquet part files under results/ and errors/; returns small stats rows.
 
-    needs = ("id", "error")
+    Rows of one audio window go to the staging folder instead, to be stitched into their clip's row after the run.
+    """
+
+    needs = ("id", "error", "window_total")
 
     def __init__(self, output_url: str, storage_options: dict) -> None:
-        self.output_url = output_url.rstrip("/")
+        self.output_url = output_url
         self.storage_options = storage_options
 
     def __call__(self, table):
         import pyarrow.compute as pc
 
+        from pipelines.sinks import OutputDir
+
         _require({name: None for name in table.column_names}, self.needs, "write")
-        failed = pc.is_valid(table.column("error"))
-        ok = table.filter(pc.invert(failed))
-        bad = table.filter(failed)
+        out = OutputDir(self.output_url, self.storage_options)
         # A deterministic name: a retried write task overwrites its own file instead of adding a duplicate.
         name = hashlib.sha1("\n".join(sorted(table.column("id").to_pylist())).encode()).hexdigest()[:24]
+        is_window = pc.is_valid(table.column("window_total"))
+        windows = table.filter(is_window)
+        if windows.num_rows:
+            out.write_part(windows.select(list(WINDOW_COLUMNS)), f"{WINDOWS}/part-{name}.parquet")
+        whole = table.filter(pc.invert(is_window))
+        failed = pc.is_valid(whole.column("error"))
+        ok = whole.filter(pc.invert(failed))
+        bad = whole.filter(failed)
         if ok.num_rows:
-            self._write(ok.select(list(RESULT_COLUMNS)), f"results/part-{name}.parquet")
+            out.write_part(ok.select(list(RESULT_COLUMNS)), f"{RESULTS}/part-{name}.parquet")
         if bad.num_rows:
             errors = bad.select(["id", "item_id", "source", "task", "error_stage", "error"])
-            self._write(errors.rename_columns(list(ERROR_COLUMNS)), f"errors/part-{name}.parquet")
+            out.write_part(errors.rename_columns(list(ERROR_COLUMNS)), f"{ERRORS}/part-{name}.parquet")
+        generated = table.filter(pc.is_null(table.column("error")))  # windows included: their tokens were made now
 
         def total(column: str) -> int:
-            return int(pc.sum(ok.column(column)).as_py() or 0)
+            return int(pc.sum(generated.column(column)).as_py() or 0)
 
         return {
             "succeeded": np.array([ok.num_rows]),
@@ -323,25 +389,3 @@ class Write:
             "spec_drafted": np.array([total("spec_drafted")]),
             "spec_accepted": np.array([total("spec_accepted")]),
         }
-
-    def _write(self, table, relative: str) -> None:
-        import fsspec
-        import pyarrow.parquet as pq
-
-        fs, root = fsspec.core.url_to_fs(self.output_url, **self.storage_options)
-        path = f"{root}/{relative}"
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        if "file" in (fs.protocol if isinstance(fs.protocol, (list, tuple)) else [fs.protocol]):
-            # Local disks: write aside, then rename, so a killed job never leaves half a file behind.
-            temporary = f"{path}.{uuid.uuid4().hex}.tmp"
-            pq.write_table(table, temporary, filesystem=_arrow_fs(fs))
-            fs.mv(temporary, path)
-        else:
-            with fs.open(path, "wb") as handle:  # object stores publish an object only when it is complete
-                pq.write_table(table, handle)
-
-
-def _arrow_fs(fs):
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    return PyFileSystem(FSSpecHandler(fs))

@@ -91,9 +91,12 @@ def test_transcribe_long_audio_is_stitched_in_order(ray_cluster, tmp_path):
     t = np.arange(int(rate * 65)) / rate
     sf.write(source / "long.flac", (0.2 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), rate)
     speech(source / "short.wav")
-    run(job(source, tmp_path / "out", TaskSpec(task="transcribe", language="English", max_new_tokens=4)), progress=False)
+    summary = run(job(source, tmp_path / "out", TaskSpec(task="transcribe", language="English", max_new_tokens=4)),
+                  progress=False)
     results = {r["id"]: r for r in read(tmp_path / "out", "results")}
-    assert set(results) == {"long.flac", "short.wav"}
+    assert set(results) == {"long.flac", "short.wav"} and read(tmp_path / "out", "errors") == []
+    assert (summary.run_succeeded, summary.total) == (2, 2)
+    assert read(tmp_path / "out", "_windows") == []  # every staged window was stitched into its clip's row
     segments = json.loads(results["long.flac"]["segments"])
     assert [(s["start_s"], s["end_s"]) for s in segments] == [(0.0, 30.0), (30.0, 60.0), (60.0, 65.0)]
     assert results["long.flac"]["text"] == " ".join(s["text"] for s in segments if s["text"])

@@ -86,8 +86,18 @@ def test_batch_prepare_gives_every_file_one_unit_or_error_row(media, crashing_sn
                   output=OutputSpec(url=str(tmp_path / "out")))
     names = sorted(p.name for p in media.iterdir())
     batch = {"id": names, "uri": [str(media / n) for n in names], "kind": ["file"] * len(names)}
-    rows = Prepare(job)(batch)
-    assert sorted(rows["id"]) == names  # input count = units + error rows
+    rows = {key: [] for key in ("id", "item_id", "error", "error_stage", "window_total")}
+    for part in Prepare(job)(batch):
+        for key in rows:
+            rows[key].extend(part[key])
+    units: dict[str, list[str]] = {}
+    for unit_id, item_id in zip(rows["id"], rows["item_id"]):
+        units.setdefault(item_id, []).append(unit_id)
+    assert sorted(units) == names  # every file is one unit, its windows, or one error row
+    for name, unit_ids in units.items():
+        assert unit_ids == [name] or unit_ids == [f"{name}#w{k}" for k in range(len(unit_ids))]
+    totals = {i: t for i, t in zip(rows["id"], rows["window_total"]) if t}
+    assert all(i.endswith(f"#w{t - 1}") for i, t in totals.items())  # the last window carries the count
     errors = {i: (e, s) for i, e, s in zip(rows["id"], rows["error"], rows["error_stage"]) if e is not None}
     assert set(errors) == set(ERRORS)
     for name, message in ERRORS.items():
