@@ -11,11 +11,14 @@ from datetime import datetime, timezone
 
 from pipelines.config import JobSpec
 from pipelines.environment import forwarded_env
+from pipelines.errors import FatalEngineError
 from pipelines.sinks import ERRORS, RESULTS, OutputDir
 from pipelines.sources import check_reachable, detect_format, iter_listing
 from pipelines.stitch import stitch_windows
 
 LISTING_PAGE = 10_000
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -154,8 +157,9 @@ def _normalise_manifest(table):
     return pa.table(columns)
 
 
-def build(job: JobSpec, dataset, done_ref):
-    """The graph itself, separate from I/O set-up so tests and benchmarks can run it on any dataset."""
+def build(job: JobSpec, dataset, done_ref, generate_stage=None):
+    """The graph itself, separate from I/O set-up so tests and benchmarks can run it on any dataset (and a
+    `Generate` subclass, e.g. one whose engine injects faults)."""
     import ray
     import ray.data
 
@@ -173,10 +177,12 @@ def build(job: JobSpec, dataset, done_ref):
     prepared = dataset.map_batches(
         Prepare(job, done_ref), batch_size=None, compute=prepare_compute, ray_remote_args_fn=lambda: {"num_cpus": 1}
     )
-    # Ray Data restarts a dead model actor and retries its in-flight batch (max_restarts / max_task_retries -1).
+    # A fatal engine error ends the actor's process: Ray Data starts a replacement (up to max_replica_restarts) and
+    # retries the batches that were in flight on it (its default max_task_retries is -1 while restarts are allowed).
     generated = prepared.map_batches(
-        Generate,
+        generate_stage or Generate,
         fn_constructor_args=(job,),
+        max_restarts=resources.max_replica_restarts,  # a Ray remote arg: Ray 2.60 has no named parameter for it
         batch_size=resources.batch_size,
         compute=ray.data.ActorPoolStrategy(size=resources.replicas),
         num_gpus=gpus,
@@ -191,7 +197,7 @@ def build(job: JobSpec, dataset, done_ref):
     )
 
 
-def run(job: JobSpec, *, progress: bool = True) -> JobSummary:
+def run(job: JobSpec, *, progress: bool = True, generate_stage=None) -> JobSummary:
     """Run (or resume) a batch job to completion and write `_job.json`."""
     import numpy as np
     import ray
@@ -219,14 +225,27 @@ def run(job: JobSpec, *, progress: bool = True) -> JobSummary:
     done_ref = ray.put(done) if len(done) else None
     timings = {"setup_s": time.perf_counter() - started}
     summary = JobSummary(output=out.url, fingerprint=fingerprint, skipped=len(done))
-    for batch in build(job, dataset, done_ref).iter_batches(batch_size=None, batch_format="numpy"):
-        timings.setdefault("first_result_s", time.perf_counter() - started)  # start-up, model load included
-        summary.run_succeeded += int(np.sum(batch["succeeded"]))
-        summary.run_failed += int(np.sum(batch["failed"]))
-        summary.output_tokens += int(np.sum(batch["output_tokens"]))
-        summary.prompt_tokens += int(np.sum(batch["prompt_tokens"]))
-        summary.spec_drafted += int(np.sum(batch["spec_drafted"]))
-        summary.spec_accepted += int(np.sum(batch["spec_accepted"]))
+    out.clear_replica_failures()
+    try:
+        for batch in build(job, dataset, done_ref, generate_stage).iter_batches(batch_size=None, batch_format="numpy"):
+            timings.setdefault("first_result_s", time.perf_counter() - started)  # start-up, model load included
+            summary.run_succeeded += int(np.sum(batch["succeeded"]))
+            summary.run_failed += int(np.sum(batch["failed"]))
+            summary.output_tokens += int(np.sum(batch["output_tokens"]))
+            summary.prompt_tokens += int(np.sum(batch["prompt_tokens"]))
+            summary.spec_drafted += int(np.sum(batch["spec_drafted"]))
+            summary.spec_accepted += int(np.sum(batch["spec_accepted"]))
+    except Exception as exc:
+        causes = out.replica_failures()
+        if not causes:
+            raise
+        raise FatalEngineError(
+            f"the model replica failed {len(causes)} times (resources.max_replica_restarts="
+            f"{job.resources.max_replica_restarts}); last cause: {causes[-1]}. Finished items are kept in "
+            f"{out.url}: rerun the same job to resume once the cause is fixed."
+        ) from exc
+    if out.replica_failures():
+        logger.warning("model replicas were replaced after fatal engine errors: %s", "; ".join(out.replica_failures()))
     clips = stitch_windows(out)
     summary.run_succeeded += clips.succeeded
     summary.run_failed += clips.failed

@@ -134,6 +134,11 @@ class ResourcesSpec(Strict):
     )
     num_cpus: int | None = Field(None, ge=1, le=100_000, description="CPUs for a local Ray instance.")
     object_store_mb: int = Field(1024, ge=64, le=1_000_000, description="Object store size of a local Ray instance.")
+    max_replica_restarts: int = Field(
+        3, ge=0, le=1000,
+        description="Times a model actor is replaced after a fatal engine error (out of memory, dead engine) before "
+        "the job fails; its in-flight units are retried on the replacement.",
+    )
 
 
 class OutputSpec(Strict):

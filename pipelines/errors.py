@@ -53,3 +53,20 @@ class ModelSourceError(GemmaUnifiedError):
 
 class StorageError(GemmaUnifiedError):
     """Object storage is unreachable or refuses the credentials."""
+
+
+class FatalEngineError(GemmaUnifiedError):
+    """The model replica cannot go on (out of memory, a dead engine): Ray replaces it; no item is to blame."""
+
+
+# What a CUDA or engine failure says when it leaves the replica unusable; a bad request never says these.
+_FATAL_TYPES = {"OutOfMemoryError", "EngineDeadError", "FatalEngineError"}
+_FATAL_MESSAGES = ("CUDA out of memory", "CUDA error", "CUBLAS_STATUS_", "cuDNN error", "NCCL error",
+                   "device-side assert", "illegal memory access")
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """Whether an engine error means the replica must be replaced rather than one request failed."""
+    if isinstance(exc, MemoryError) or _FATAL_TYPES & {cls.__name__ for cls in type(exc).__mro__}:
+        return True
+    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in _FATAL_MESSAGES)

@@ -15,6 +15,7 @@ from pipelines.errors import GemmaUnifiedError
 
 RESULTS, ERRORS, MANIFEST = "results", "errors", "_job.json"
 WINDOWS = "_windows"  # staged rows of single audio windows, until their clip is whole (pipelines/stitch.py)
+REPLICA_FAILURES = "_work/replica-failures"  # one small JSON file per fatal engine error of this run
 
 
 class SpecMismatch(GemmaUnifiedError):
@@ -109,6 +110,31 @@ class OutputDir:
         if staged is not None:
             ids += [i for i, e in zip(staged.column("id").to_pylist(), staged.column("error").to_pylist()) if e is None]
         return np.asarray(sorted(set(ids)), dtype=str)
+
+    def record_replica_failure(self, cause: str) -> None:
+        """Kept for the driver: a replaced actor's cause is otherwise only in that worker's log."""
+        import time
+        import uuid
+
+        self.fs.makedirs(self.path(REPLICA_FAILURES), exist_ok=True)
+        with self.fs.open(self.path(REPLICA_FAILURES, f"{uuid.uuid4().hex}.json"), "w") as handle:
+            json.dump({"time": time.time(), "cause": cause}, handle)
+
+    def replica_failures(self) -> list[str]:
+        """Causes recorded by this run's replicas, oldest first."""
+        try:
+            paths = self.fs.ls(self.path(REPLICA_FAILURES), detail=False)
+        except FileNotFoundError:
+            return []
+        records = []
+        for path in paths:
+            with self.fs.open(path, "r") as handle:
+                records.append(json.load(handle))
+        return [record["cause"] for record in sorted(records, key=lambda record: record["time"])]
+
+    def clear_replica_failures(self) -> None:
+        if self.fs.exists(self.path(REPLICA_FAILURES)):
+            self.fs.rm(self.path(REPLICA_FAILURES), recursive=True)
 
     def drop_errors(self) -> int:
         """Remove the error parts before retrying their items (the retry writes fresh rows)."""

@@ -12,7 +12,7 @@ import json
 import posixpath
 import tarfile
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import fsspec
 
@@ -28,12 +28,25 @@ LISTING_SCHEMA_FIELDS = ("id", "uri", "kind", "data", *ROW_FIELDS, "max_soft_tok
 
 @dataclass
 class Item:
-    """One input item with its bytes and any per-row task fields."""
+    """One input item with its bytes (or a way to open them) and any per-row task fields."""
 
     id: str
     source: str
-    data: bytes
+    data: bytes | None  # None: the object is opened by `open()` and read on demand
     fields: dict = field(default_factory=dict)
+    storage_options: dict = field(default_factory=dict)
+
+    def open(self) -> BinaryIO:
+        """A seekable binary file: a long recording is decoded from it without being read into memory whole."""
+        if self.data is not None:
+            return io.BytesIO(self.data)
+        return fsspec.open(self.source, "rb", **self.storage_options).open()
+
+    def read(self) -> bytes:
+        if self.data is None:
+            with self.open() as handle:
+                self.data = handle.read()
+        return self.data
 
 
 def filesystem(url: str, storage_options: dict | None = None):
@@ -120,18 +133,19 @@ def stable_id(data: bytes) -> str:
 
 
 def read_items(row: dict, storage_options: dict | None = None) -> Iterator[Item]:
-    """Bytes for a listing or manifest row; a tar shard yields one item per WebDataset key."""
+    """The items of a listing or manifest row: inline bytes, one object (opened when used), or one item per
+    WebDataset key of a tar shard (read whole)."""
     fields = {k: row.get(k) for k in (*ROW_FIELDS, "max_soft_tokens") if row.get(k) is not None}
     if row.get("data") is not None:
         data = bytes(row["data"])
         yield Item(row.get("id") or stable_id(data), row.get("uri") or "inline", data, fields)
         return
     uri = row["uri"]
+    if row.get("kind") != "tar":
+        yield Item(row["id"] or uri, uri, None, fields, storage_options or {})
+        return
     with fsspec.open(uri, "rb", **(storage_options or {})) as handle:
         data = handle.read()
-    if row.get("kind") != "tar":
-        yield Item(row["id"] or uri, uri, data, fields)
-        return
     yield from _tar_items(row["id"], uri, data)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import traceback
 from dataclasses import replace
 from typing import Iterator
@@ -16,11 +18,11 @@ import numpy as np
 
 from pipelines.config import JobSpec
 from pipelines.engines.base import GenerationResult, SamplingParams
-from pipelines.errors import DecodeError, ItemError
+from pipelines.errors import DecodeError, ItemError, is_fatal
 from pipelines.prepare import AUDIO, AudioRequests, MediaLimits, check_modality, detect_modality, prepare_item
 from pipelines.prompts import Task, TaskOptions, parse_translation
 from pipelines.rows import FRAME, pack, unpack
-from pipelines.sinks import ERRORS, RESULTS, WINDOWS
+from pipelines.sinks import ERRORS, RESULTS, WINDOWS, OutputDir
 from pipelines.media.image import PATCH_DIM
 
 RESULT_COLUMNS = {
@@ -36,8 +38,11 @@ ERROR_COLUMNS = {"id": "string", "item_id": "string", "source": "string", "task"
 # its last window. Window rows are staged and stitched into one row per clip after the run (pipelines/stitch.py).
 GENERATED_COLUMNS = {**RESULT_COLUMNS, "error": "string", "error_stage": "string", "window_total": "int64"}
 WINDOW_COLUMNS = GENERATED_COLUMNS
-# A Prepare task hands its units on once they hold this many bytes of arrays, so a long clip never sits whole in memory.
-PREPARE_FLUSH_BYTES = 32 * 2**20
+
+logger = logging.getLogger(__name__)
+# A Prepare task hands its units on once they hold this many bytes of arrays (two 30 s audio windows), so a long
+# clip never sits whole in memory.
+PREPARE_FLUSH_BYTES = 8 * 2**20
 
 
 def _result_table(rows: list[dict]):
@@ -164,15 +169,21 @@ class Prepare:
         base = {"item_id": item.id, "source": item.source, "task": self.job.task.task, "error": None,
                 "error_stage": None, "window_total": None}
         try:
-            options.validate(item.source)
-            modality = check_modality(options, detect_modality(item.data, item.source), item.source)
-            if modality == AUDIO:
-                yield from self._audio_units(item, base, options, limits, sampling)
-                return
-            prepared = prepare_item(
-                item.data, item_id=item.id, name=item.source, tokenizer=self.tokenizer(),
-                options=options, limits=limits, sampling=sampling, modality=modality,
-            )
+            handle = item.open()
+        except Exception as exc:  # unreadable object (gone, permissions): one error row
+            yield self._error(item.id, item.source, "read", exc)
+            return
+        try:
+            with handle:
+                options.validate(item.source)
+                modality = check_modality(options, detect_modality(handle, item.source), item.source)
+                if modality == AUDIO:  # decoded from the open file: a long recording is never read whole
+                    yield from self._audio_units(item, handle, base, options, limits, sampling)
+                    return
+                prepared = prepare_item(
+                    handle.read(), item_id=item.id, name=item.source, tokenizer=self.tokenizer(),
+                    options=options, limits=limits, sampling=sampling, modality=modality,
+                )
         except Exception as exc:  # ItemError, or a decoder bug: either way the item becomes an error row
             yield self._error(item.id, item.source, "prepare", exc)
             return
@@ -182,12 +193,12 @@ class Prepare:
             yield {**base, "id": request.id, "segments_in": "[]", "pages": json.dumps(segment.pages),
                    **pack([request])}
 
-    def _audio_units(self, item, base: dict, options, limits, sampling) -> Iterator[dict]:
+    def _audio_units(self, item, handle, base: dict, options, limits, sampling) -> Iterator[dict]:
         """A clip of one window is one unit; a longer clip is one unit per window, `ITEM#wN`, stitched after the run.
 
         One window is held back until the next decodes, so the last one can carry the window count.
         """
-        windows = AudioRequests(item.data, item_id=item.id, tokenizer=self.tokenizer(), options=options,
+        windows = AudioRequests(handle, item_id=item.id, tokenizer=self.tokenizer(), options=options,
                                 label=item.source, limits=limits, sampling=sampling)
 
         def unit(request, segment, total: int | None) -> dict:
@@ -256,16 +267,17 @@ class Generate:
         import torch
 
         torch.set_num_threads(threads)
-        model = resolve(job.model)
-        if job.engine.kind == "vllm":
+        self.engine = self.make_engine(resolve(job.model))
+        self.model_name = job.model.name
+
+    def make_engine(self, model):
+        if self.job.engine.kind == "vllm":
             from pipelines.engines.vllm import VLLMEngine
 
-            self.engine = VLLMEngine(model, job.engine)
-        else:
-            from pipelines.engines.transformers import TransformersEngine
+            return VLLMEngine(model, self.job.engine)
+        from pipelines.engines.transformers import TransformersEngine
 
-            self.engine = TransformersEngine(model, job.engine)
-        self.model_name = job.model.name
+        return TransformersEngine(model, self.job.engine)
 
     def __call__(self, batch: dict) -> dict:
         _require(batch, self.needs, "generate")
@@ -289,18 +301,36 @@ class Generate:
         return _result_table(outputs)
 
     def _generate_all(self, requests) -> dict:
-        """Generate a whole batch at once; if that fails, one request at a time, so one bad request fails alone."""
+        """Generate a whole batch at once; if that fails, one request at a time, so one bad request fails alone.
+
+        A fatal error (out of memory, a dead engine) is no request's fault: the replica is replaced instead.
+        """
         try:
             return {r.id: r for r in self.engine.generate(requests)}
-        except Exception:
-            outcome: dict = {}
-            for request in requests:
-                try:
-                    outcome[request.id] = self.engine.generate([request])[0]
-                except Exception as exc:
-                    message = exc.message if isinstance(exc, ItemError) else f"{type(exc).__name__}: {exc}"
-                    outcome[request.id] = message or traceback.format_exc(limit=1)
-            return outcome
+        except Exception as exc:
+            if is_fatal(exc):
+                self._replace_replica(exc)
+            logger.warning("a batch of %d failed (%s: %s); generating one by one to find the bad request",
+                           len(requests), type(exc).__name__, exc)
+        outcome: dict = {}
+        for request in requests:
+            try:
+                outcome[request.id] = self.engine.generate([request])[0]
+            except Exception as exc:
+                if is_fatal(exc):
+                    self._replace_replica(exc)
+                message = exc.message if isinstance(exc, ItemError) else f"{type(exc).__name__}: {exc}"
+                outcome[request.id] = message or traceback.format_exc(limit=1)
+        return outcome
+
+    def _replace_replica(self, exc: Exception) -> None:
+        """Exit the actor process: Ray starts a replacement (up to `max_replica_restarts`) and retries its units."""
+        cause = f"{type(exc).__name__}: {exc}"
+        logger.error("fatal engine error, this model replica exits to be replaced: %s", cause)
+        try:
+            OutputDir(self.job.output.url, self.job.output.storage_options).record_replica_failure(cause)
+        finally:
+            os._exit(1)
 
     def _result_row(self, row: dict, results: list[GenerationResult]) -> dict:
         spans = json.loads(row["segments_in"])
@@ -356,8 +386,6 @@ class Write:
 
     def __call__(self, table):
         import pyarrow.compute as pc
-
-        from pipelines.sinks import OutputDir
 
         _require({name: None for name in table.column_names}, self.needs, "write")
         out = OutputDir(self.output_url, self.storage_options)
