@@ -252,8 +252,8 @@ def run(job: JobSpec, *, progress: bool = True, generate_stage=None) -> JobSumma
     summary.wall_s = time.perf_counter() - started
     timings["run_s"] = summary.wall_s - timings["setup_s"]
     summary.timings = timings
-    summary.succeeded = len(set(out.read_column(RESULTS)))
-    summary.failed = len(set(out.read_column(ERRORS)))
+    summary.succeeded = out.count_ids(RESULTS)
+    summary.failed = out.count_ids(ERRORS)
     summary.total = summary.succeeded + summary.failed
     out.fs.rm(out.path("_work", f"listing-{run_id}"), recursive=True) if out.fs.exists(
         out.path("_work", f"listing-{run_id}")) else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import posixpath
 import tarfile
 from dataclasses import dataclass, field
@@ -106,6 +107,13 @@ def _walk_files(fs, root: str) -> Iterator[str]:
     iterdir = getattr(fs, "_iterdir", None)
     if iterdir is not None and "s3" in str(fs.protocol):
         yield from _s3_keys(fs, root)
+        return
+    if "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
+        # os.walk keeps names only; fsspec's walk holds a details dict (~0.7 KB) for every file of a directory.
+        for directory, subdirectories, files in os.walk(root):
+            subdirectories.sort()
+            for name in sorted(files):
+                yield posixpath.join(directory, name)
         return
     for directory, _, files in fs.walk(root):
         for name in sorted(files):
