@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 # ---- chat requests ----
 
@@ -124,11 +124,13 @@ class Usage(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: None = None  # required (nullable) by OpenAI's schema; this model never refuses through it
 
 
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
+    logprobs: None = None  # required (nullable); logprobs are refused
     finish_reason: Literal["stop", "length"]
 
 
@@ -141,7 +143,15 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
-class Delta(BaseModel):
+class _DropsNone(BaseModel):
+    """Fields left None are omitted from the JSON (OpenAI omits them; `null` is not valid for them)."""
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler):
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class Delta(_DropsNone):
     role: Literal["assistant"] | None = None
     content: str | None = None
 
@@ -149,16 +159,17 @@ class Delta(BaseModel):
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None  # null in every chunk but the last
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_DropsNone):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
     choices: list[ChunkChoice]
-    usage: Usage | None = None
+    usage: Usage | None = None  # only in the usage chunk of `stream_options.include_usage`
 
 
 # ---- audio ----
@@ -185,7 +196,9 @@ class Segment(BaseModel):
     text: str
     tokens: list[int]
     temperature: float
+    avg_logprob: float = 0.0  # not measured: the engines return no token log-probabilities
     compression_ratio: float
+    no_speech_prob: float = 0.0  # not estimated: this model has no no-speech head
 
 
 class SpeechUsage(BaseModel):

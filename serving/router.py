@@ -127,7 +127,7 @@ def build_api(
         timing = ", ".join(f"{name};dur={ms:.2f}" for name, ms in (
             ("prepare", prepare_ms), ("model", model_ms), ("replica", reply.replica_s * 1000),
             ("engine", result.latency_s * 1000), ("ingress", (time.perf_counter() - started) * 1000)))
-        return JSONResponse(chat.completion(result).model_dump(exclude_none=True), headers={"Server-Timing": timing})
+        return JSONResponse(chat.completion(result).model_dump(), headers={"Server-Timing": timing})
 
     async def _stream(body: ChatCompletionRequest, prepared: PreparedRequest, started: float) -> StreamingResponse:
         events = backend.stream(prepared).__aiter__()
@@ -148,7 +148,7 @@ def build_api(
             payload = ChatCompletionChunk(id=ident, created=stamp, model=spec.model_id,
                                           choices=[] if use else [ChunkChoice(delta=delta, finish_reason=finish)],
                                           usage=use)
-            return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
+            return f"data: {payload.model_dump_json()}\n\n"
 
         yield chunk(Delta(role="assistant", content=""))
         event, first_text = first, True

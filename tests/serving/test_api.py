@@ -17,6 +17,7 @@ from serving.model_server import ModelServer
 from serving.router import build_api
 from serving.spec import build_spec
 
+from openai_schema import async_response_hook, check, response_hook
 from serving_helpers import InProcessHandle, data_url, png
 
 SPEC = {
@@ -40,6 +41,7 @@ def client(spec, tokenizer):
     backend = ServeModelBackend(InProcessHandle(server), metrics, retry_after_s=1, timeout_s=60)
     api = build_api(spec, backend, tokenizer, authenticator=Authenticator([]), metrics=metrics)
     with TestClient(api) as test_client:
+        test_client.event_hooks = {"response": [response_hook]}  # every answer against OpenAI's schema
         yield test_client
 
 
@@ -72,7 +74,8 @@ def test_greedy_answers_are_reproducible_and_batched_requests_agree(client):
         import httpx
 
         transport = httpx.ASGITransport(app=client.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test",
+                                     event_hooks={"response": [async_response_hook]}) as http:
             body = {"model": "tiny", "messages": [{"role": "user", "content": "Say something."}],
                     "max_tokens": 6, "temperature": 0}
             return await asyncio.gather(*(http.post("/v1/chat/completions", json=body) for _ in range(4)))
@@ -206,3 +209,26 @@ def test_readiness_fails_while_the_model_does_not_answer(spec, tokenizer):
         assert test_client.get("/health").status_code == 200
         response = test_client.get("/health/ready")
         assert response.status_code == 503 and response.headers["retry-after"] == "1"
+
+
+def test_answers_carry_the_fields_openai_requires(client):
+    answer = chat(client, "Hello").json()
+    choice = answer["choices"][0]
+    assert choice["logprobs"] is None and choice["message"]["refusal"] is None
+    check("CreateChatCompletionResponse", answer)
+    # The schema copy is strict enough to catch the fields this endpoint used to leave out.
+    del choice["logprobs"]
+    with pytest.raises(AssertionError, match="logprobs"):
+        check("CreateChatCompletionResponse", answer)
+
+
+def test_every_stream_chunk_has_a_finish_reason_null_until_the_last(client):
+    with client.stream("POST", "/v1/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6, "temperature": 0,
+        "stream": True,
+    }) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    reasons = [c["choices"][0]["finish_reason"] for c in chunks]
+    assert all(r is None for r in reasons[:-1]) and reasons[-1] in ("stop", "length")
+    assert all("usage" not in c for c in chunks)
