@@ -132,9 +132,12 @@ def media_markers(tokenizer) -> MediaMarkers:
     )
 
 
-def render(tokenizer, messages: list[dict], *, thinking: bool = False) -> str:
+def render(tokenizer, messages: list[dict], *, thinking: bool = False, continue_final: bool = False) -> str:
+    """The chat as text, ending with the model's turn opened, or with the last (model) message left open to be
+    continued."""
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
+        messages, tokenize=False, add_generation_prompt=not continue_final, continue_final_message=continue_final,
+        enable_thinking=thinking,
     )
 
 
@@ -158,7 +161,7 @@ def _with_slots(messages: list[dict], nonce: str) -> tuple[list[dict], list[str]
     return slotted, texts
 
 
-def text_ids(tokenizer, messages: list[dict], *, thinking: bool = False) -> list[int]:
+def text_ids(tokenizer, messages: list[dict], *, thinking: bool = False, continue_final: bool = False) -> list[int]:
     """Token ids of the rendered chat, where only the template's own markup can become special tokens.
 
     Message texts come from users, manifests and tools: a `<turn|>` or `<|image|>` inside them must stay text, or a
@@ -167,7 +170,8 @@ def text_ids(tokenizer, messages: list[dict], *, thinking: bool = False) -> list
     """
     nonce = uuid.uuid4().hex
     slotted, texts = _with_slots(messages, nonce)
-    pieces = re.split(f"\ue000{nonce}:(\\d+)\ue001", render(tokenizer, slotted, thinking=thinking))
+    pieces = re.split(f"\ue000{nonce}:(\\d+)\ue001", render(tokenizer, slotted, thinking=thinking,
+                                                                     continue_final=continue_final))
     ids: list[int] = []
     for index, piece in enumerate(pieces):
         if index % 2:
@@ -183,9 +187,10 @@ def tokenize(
     media_tokens: list[int],
     *,
     thinking: bool = False,
+    continue_final: bool = False,
 ) -> PromptTokens:
     """Render, tokenize (the template writes <bos> itself) and expand the i-th placeholder to media_tokens[i]."""
-    ids = text_ids(tokenizer, messages, thinking=thinking)
+    ids = text_ids(tokenizer, messages, thinking=thinking, continue_final=continue_final)
     special = media_markers(tokenizer)
     out_ids: list[int] = []
     out_types: list[int] = []
