@@ -12,7 +12,7 @@ import time
 
 import httpx
 import pytest
-from openai_schema import response_hook
+from openai_schema import async_response_hook, response_hook
 from serving_helpers import data_url, png
 
 pytestmark = pytest.mark.slow
@@ -312,7 +312,8 @@ def test_overload_answers_503_with_retry_after(endpoint):
 
     async def burst():
         async with httpx.AsyncClient(base_url=endpoint.base, timeout=180, trust_env=False,
-                                     limits=httpx.Limits(max_connections=100)) as http:
+                                     limits=httpx.Limits(max_connections=100),
+                                     event_hooks={"response": [async_response_hook]}) as http:
             return await asyncio.gather(*(http.post("/v1/chat/completions", json=body) for _ in range(80)))
 
     responses = asyncio.run(burst())
