@@ -8,6 +8,7 @@ text and re-tokenizing (special tokens never merge with their neighbours), witho
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
@@ -131,10 +132,53 @@ def media_markers(tokenizer) -> MediaMarkers:
     )
 
 
-def render(tokenizer, messages: list[dict], *, thinking: bool = False) -> str:
+def render(tokenizer, messages: list[dict], *, thinking: bool = False, continue_final: bool = False) -> str:
+    """The chat as text, ending with the model's turn opened, or with the last (model) message left open to be
+    continued."""
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
+        messages, tokenize=False, add_generation_prompt=not continue_final, continue_final_message=continue_final,
+        enable_thinking=thinking,
     )
+
+
+def _with_slots(messages: list[dict], nonce: str) -> tuple[list[dict], list[str]]:
+    """Messages whose texts are replaced by numbered slots, and the texts in slot order."""
+    texts: list[str] = []
+
+    def slot(text: str) -> str:
+        texts.append(text)
+        return f"\ue000{nonce}:{len(texts) - 1}\ue001"
+
+    slotted = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            content = slot(content)
+        elif isinstance(content, list):
+            content = [{**part, "text": slot(part["text"])} if part.get("type") == "text" else part
+                       for part in content]
+        slotted.append({**message, "content": content})
+    return slotted, texts
+
+
+def text_ids(tokenizer, messages: list[dict], *, thinking: bool = False, continue_final: bool = False) -> list[int]:
+    """Token ids of the rendered chat, where only the template's own markup can become special tokens.
+
+    Message texts come from users, manifests and tools: a `<turn|>` or `<|image|>` inside them must stay text, or a
+    user could forge a system or model turn. Each text is rendered as a slot, the template around the slots is
+    tokenized with its special tokens, and each text with special tokens split into ordinary pieces.
+    """
+    nonce = uuid.uuid4().hex
+    slotted, texts = _with_slots(messages, nonce)
+    pieces = re.split(f"\ue000{nonce}:(\\d+)\ue001", render(tokenizer, slotted, thinking=thinking,
+                                                                     continue_final=continue_final))
+    ids: list[int] = []
+    for index, piece in enumerate(pieces):
+        if index % 2:
+            ids += tokenizer(texts[int(piece)], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        elif piece:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+    return ids
 
 
 def tokenize(
@@ -143,9 +187,10 @@ def tokenize(
     media_tokens: list[int],
     *,
     thinking: bool = False,
+    continue_final: bool = False,
 ) -> PromptTokens:
     """Render, tokenize (the template writes <bos> itself) and expand the i-th placeholder to media_tokens[i]."""
-    ids = tokenizer(render(tokenizer, messages, thinking=thinking), add_special_tokens=False)["input_ids"]
+    ids = text_ids(tokenizer, messages, thinking=thinking, continue_final=continue_final)
     special = media_markers(tokenizer)
     out_ids: list[int] = []
     out_types: list[int] = []

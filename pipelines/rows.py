@@ -47,7 +47,8 @@ def pack(requests: list[PreparedRequest]) -> dict:
 def unpack(row: dict) -> list[PreparedRequest]:
     ids = json.loads(row["request_ids"])
     params = json.loads(row["sampling"])
-    sampling = SamplingParams(**{**params, "stop": tuple(params["stop"])})
+    bias = tuple((int(token), float(value)) for token, value in params.get("logit_bias", ()))
+    sampling = SamplingParams(**{**params, "stop": tuple(params["stop"]), "logit_bias": bias})
     prompts = _split(row["prompt_token_ids"], row["prompt_lengths"])
     types = _split(row["mm_token_type_ids"], row["prompt_lengths"])
     patches = _split(_rows(row["image_patches"], PATCH_DIM, np.uint8), row["image_tokens_each"])

@@ -28,6 +28,10 @@ from serving.protocol import (
 from serving.spec import ServeSpec
 
 LOW_DETAIL_SOFT_TOKENS = 70
+# Request fields accepted only at their neutral value (see ChatCompletionRequest).
+_NEUTRAL_ONLY = ("logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call", "modalities",
+                 "audio", "prediction", "web_search_options", "reasoning_effort", "verbosity", "moderation", "store",
+                 "ignore_eos")
 
 
 @dataclass
@@ -52,11 +56,21 @@ class ChatService:
         if body.model != self.spec.model_id:
             raise APIError(404, f"the model {body.model!r} does not exist; this endpoint serves "
                                 f"{self.spec.model_id!r}", param="model", code="model_not_found")
-        for name, value in (("tools", body.tools), ("tool_choice", body.tool_choice), ("logprobs", body.logprobs)):
-            if value not in (None, False, [], "none"):
+        for name in _NEUTRAL_ONLY:
+            value = getattr(body, name)
+            if not (value in (None, False, [], {}, "none") or (name == "modalities" and value == ["text"])):
                 raise APIError(400, f"{name} is not supported by this endpoint", param=name, code="unsupported")
         if body.response_format and body.response_format.get("type") not in (None, "text"):
             raise APIError(400, "only text responses are supported", param="response_format", code="unsupported")
+        vocabulary = len(self.tokenizer)
+        for token in body.logit_bias or {}:
+            if int(token) >= vocabulary:
+                raise APIError(400, f"logit_bias names token {token}; this model's ids end at {vocabulary - 1}",
+                               param="logit_bias", code="invalid_value")
+        if body.stream:
+            for name in ("frequency_penalty", "presence_penalty", "logit_bias"):
+                if getattr(body, name):
+                    raise APIError(400, f"{name} is not supported with stream yet", param=name, code="unsupported")
         limits = self.spec.limits
         if len(body.messages) > limits.max_messages:
             raise APIError(400, f"at most {limits.max_messages} messages per request", param="messages")
@@ -73,15 +87,25 @@ class ChatService:
             raise APIError(400, f"max_tokens {wanted} is over this endpoint's limit of {limits.max_output_tokens}",
                            param="max_tokens", code="max_tokens_too_large")
 
-    def sampling(self, body: ChatCompletionRequest) -> SamplingParams:
+    def sampling(self, body: ChatCompletionRequest, prompt_tokens: int) -> SamplingParams:
         limits, defaults = self.spec.limits, self.spec.sampling
+        room = self.spec.engine.max_model_len - prompt_tokens  # what the context leaves, as OpenAI and vLLM default
+        temperature = defaults.temperature if body.temperature is None else body.temperature
+        top_p = defaults.top_p if body.top_p is None else body.top_p
+        if top_p == 0:  # only the likeliest token is left: greedy (engines refuse a top_p of 0 itself)
+            temperature, top_p = 0.0, 1.0
         return SamplingParams(
-            max_new_tokens=body.output_tokens or min(limits.default_output_tokens, limits.max_output_tokens),
-            temperature=defaults.temperature if body.temperature is None else body.temperature,
-            top_p=defaults.top_p if body.top_p is None else body.top_p,
+            max_new_tokens=body.output_tokens or min(limits.default_output_tokens or room, limits.max_output_tokens,
+                                                     max(room, 1)),
+            temperature=temperature,
+            top_p=top_p,
             top_k=defaults.top_k if body.top_k is None else body.top_k,
-            seed=body.seed,
+            # OpenAI takes any int64 seed; the engines' generators take unsigned 64-bit ones.
+            seed=None if body.seed is None else body.seed % 2**64,
             stop=body.stop_list,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            logit_bias=tuple(sorted((int(k), float(v)) for k, v in (body.logit_bias or {}).items())),
         )
 
     async def prepare(self, body: ChatCompletionRequest) -> PreparedRequest:
@@ -124,8 +148,10 @@ class ChatService:
                     media.append(_Media("audio", param, part.input_audio.data))
                     content.append({"type": "audio"})
             turns.append({"role": role, "content": content})
-        if not turns or turns[-1]["role"] != "user":
-            raise APIError(400, "the last message must come from the user", param="messages")
+        if not turns:
+            raise APIError(400, "the conversation needs a user or assistant message", param="messages")
+        if turns[-1]["role"] == "assistant" and not any(p["type"] == "text" for p in turns[-1]["content"]):
+            turns[-1]["content"].append({"type": "text", "text": ""})  # continue an empty answer
         if system:
             turns.insert(0, {"role": "system", "content": "\n\n".join(system)})
         return turns, media
@@ -155,10 +181,12 @@ class ChatService:
             except ItemError as exc:
                 raise from_item_error(exc, item.param) from None
         try:
-            prompt = tokenize(self.tokenizer, messages, counts, thinking=body.thinking)
+            # A conversation that ends with the model's message asks for that message to be continued.
+            prompt = tokenize(self.tokenizer, messages, counts, thinking=body.thinking,
+                              continue_final=messages[-1]["role"] == "assistant")
         except InvalidRequest as exc:
             raise from_item_error(exc, "messages") from None
-        sampling = self.sampling(body)
+        sampling = self.sampling(body, len(prompt.ids))
         total = len(prompt.ids) + sampling.max_new_tokens
         if total > self.spec.engine.max_model_len:
             raise APIError(400, f"the prompt ({len(prompt.ids)} tokens) plus max_tokens ({sampling.max_new_tokens}) "

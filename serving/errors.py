@@ -17,6 +17,13 @@ SERVER = "server_error"
 OVERLOADED = "overloaded_error"
 
 
+# The `code` of errors raised without a more specific one: clients branch on it, so it is never null.
+DEFAULT_CODES = {400: "invalid_request", 401: "invalid_api_key", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type",
+                 429: "rate_limited", 499: "client_closed_request", 500: "internal_error", 503: "overloaded",
+                 504: "timeout"}
+
+
 class APIError(Exception):
     def __init__(
         self,
@@ -33,7 +40,7 @@ class APIError(Exception):
         self.message = message
         self.type = type
         self.param = param
-        self.code = code
+        self.code = code or DEFAULT_CODES.get(status, "error")
         self.headers = headers or {}
 
     def body(self) -> dict:
@@ -56,9 +63,27 @@ def from_item_error(error: ItemError, param: str | None = None) -> APIError:
     return APIError(error.http_status, str(error), param=param, code=code)
 
 
+_UNION_BRANCHES = {"str", "int", "float", "bool", "none", "list", "dict"}
+
+
 def _location(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    """The field's path as the client wrote it: without FastAPI's source and pydantic's union-branch names
+    (`list[tagged-union[...]]`, `str`, `function-after[...]`)."""
+    parts, tag_next = [], False
+    for p in loc:
+        if isinstance(p, str) and "tagged-union[" in p:
+            tag_next = True  # a list of tagged unions: after the index comes the tag, which is no field
+        elif tag_next and isinstance(p, str):
+            tag_next = False
+        elif not (isinstance(p, str) and (p in _UNION_BRANCHES or "[" in p or p in ("body", "query", "path",
+                                                                                         "header"))):
+            parts.append(str(p))
     return ".".join(parts) or None
+
+
+def _message(error: dict) -> str:
+    message = error["msg"]
+    return message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
 
 
 def from_validation_errors(errors: list[dict]) -> APIError:
@@ -67,8 +92,11 @@ def from_validation_errors(errors: list[dict]) -> APIError:
     if first.get("type") == "json_invalid":
         return APIError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
                         code="invalid_json")
-    param = _location(tuple(first.get("loc", ())))
-    message = "; ".join(f"{_location(tuple(e.get('loc', ()))) or 'body'}: {e['msg']}" for e in errors[:5])
+    # For a union (`content` as text or parts) pydantic reports every branch; the deepest error is the one meant.
+    errors = sorted(errors, key=lambda e: -len((_location(tuple(e.get("loc", ()))) or "").split(".")))
+    param = _location(tuple(errors[0].get("loc", ())))
+    lines = dict.fromkeys(f"{_location(tuple(e.get('loc', ()))) or 'body'}: {_message(e)}" for e in errors)
+    message = "; ".join(list(lines)[:5])
     return APIError(400, message, param=param, code="invalid_value")
 
 

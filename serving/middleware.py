@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -76,8 +77,12 @@ class BodyLimit:
             await send_error(send, self._error())
 
 
+CLIENT_CLOSED = 499  # nginx's status for a request the client gave up on: not a server error
+
+
 class RequestMetrics:
-    """Counts every answer by route template and status, and times it to the last byte sent."""
+    """Counts every answer by route template and status (499 when the client left first), and times it to the
+    last byte sent."""
 
     def __init__(self, app, metrics: Metrics) -> None:
         self.app = app
@@ -89,15 +94,23 @@ class RequestMetrics:
             return
         started = time.perf_counter()
         status = 500
+        finished = False
 
         async def recording_send(message):
-            nonlocal status
+            nonlocal status, finished
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                finished = True
             await send(message)
 
         try:
             await self.app(scope, receive, recording_send)
+            if not finished:  # a stream the client left before its end
+                status = CLIENT_CLOSED
+        except (asyncio.CancelledError, OSError):  # the client went away (Serve cancels the request)
+            status = CLIENT_CLOSED
+            raise
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             self.metrics.requests.labels(route, str(status)).inc()

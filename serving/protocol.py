@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 # ---- chat requests ----
 
@@ -68,20 +68,52 @@ class ChatCompletionRequest(_Request):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0, description="0 keeps only the likeliest token (greedy).")
     top_k: int | None = Field(None, ge=0, le=1000, description="Extension: top-k sampling, 0 disables it.")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)
+    n: int | None = Field(None, ge=1, le=1)
     user: str | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
-    # Accepted only at their neutral values: anything else would be silently ignored.
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias, -100 to 100.")
+    ignore_eos: bool | None = Field(None, description="vLLM's extension; only false is accepted.")
+    # Accepted only at their neutral values (null, false, empty, "none", text only): anything else would change the
+    # answer in a way this endpoint cannot, and is refused rather than silently ignored.
     logprobs: bool | None = None
-    tools: list | None = None
-    tool_choice: str | dict | None = None
+    top_logprobs: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
     response_format: dict | None = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    moderation: Any = None
+    store: Any = None
+    # Accepted, with no effect on the answer: metadata, service_tier, parallel_tool_calls, prompt_cache_key,
+    # prompt_cache_retention, prompt_cache_options, safety_identifier (ignored as unknown fields are).
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value):
+        if value is None:
+            return value
+        if len(value) > 300:
+            raise ValueError("at most 300 tokens")
+        for token, bias in value.items():
+            if not token.isdigit():
+                raise ValueError(f"keys are token ids; {token[:20]!r} is not one")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"the bias of token {token} is {bias}; biases lie in [-100, 100]")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -124,11 +156,13 @@ class Usage(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: None = None  # required (nullable) by OpenAI's schema; this model never refuses through it
 
 
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
+    logprobs: None = None  # required (nullable); logprobs are refused
     finish_reason: Literal["stop", "length"]
 
 
@@ -141,7 +175,15 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
-class Delta(BaseModel):
+class _DropsNone(BaseModel):
+    """Fields left None are omitted from the JSON (OpenAI omits them; `null` is not valid for them)."""
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler):
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class Delta(_DropsNone):
     role: Literal["assistant"] | None = None
     content: str | None = None
 
@@ -149,16 +191,17 @@ class Delta(BaseModel):
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None  # null in every chunk but the last
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_DropsNone):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
     choices: list[ChunkChoice]
-    usage: Usage | None = None
+    usage: Usage | None = None  # only in the usage chunk of `stream_options.include_usage`
 
 
 # ---- audio ----
@@ -185,7 +228,9 @@ class Segment(BaseModel):
     text: str
     tokens: list[int]
     temperature: float
+    avg_logprob: float = 0.0  # not measured: the engines return no token log-probabilities
     compression_ratio: float
+    no_speech_prob: float = 0.0  # not estimated: this model has no no-speech head
 
 
 class SpeechUsage(BaseModel):

@@ -34,6 +34,7 @@ from serving.media_sources import MediaFetcher
 from serving.metrics import CONTENT_TYPE, Metrics
 from serving.middleware import BodyLimit, RequestMetrics
 from serving.model_client import ModelBackend
+from serving.openapi import describe
 from serving.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -94,7 +95,8 @@ def build_api(
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException):
         kind = NOT_FOUND if exc.status_code == 404 else "invalid_request_error"
-        return error_response(APIError(exc.status_code, str(exc.detail), type=kind))
+        # Starlette's 405 carries the Allow header; keep it.
+        return error_response(APIError(exc.status_code, str(exc.detail), type=kind, headers=dict(exc.headers or {})))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):
@@ -127,7 +129,7 @@ def build_api(
         timing = ", ".join(f"{name};dur={ms:.2f}" for name, ms in (
             ("prepare", prepare_ms), ("model", model_ms), ("replica", reply.replica_s * 1000),
             ("engine", result.latency_s * 1000), ("ingress", (time.perf_counter() - started) * 1000)))
-        return JSONResponse(chat.completion(result).model_dump(exclude_none=True), headers={"Server-Timing": timing})
+        return JSONResponse(chat.completion(result).model_dump(), headers={"Server-Timing": timing})
 
     async def _stream(body: ChatCompletionRequest, prepared: PreparedRequest, started: float) -> StreamingResponse:
         events = backend.stream(prepared).__aiter__()
@@ -148,7 +150,7 @@ def build_api(
             payload = ChatCompletionChunk(id=ident, created=stamp, model=spec.model_id,
                                           choices=[] if use else [ChunkChoice(delta=delta, finish_reason=finish)],
                                           usage=use)
-            return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
+            return f"data: {payload.model_dump_json()}\n\n"
 
         yield chunk(Delta(role="assistant", content=""))
         event, first_text = first, True
@@ -200,7 +202,15 @@ def build_api(
         prompt: str | None = Form(None),
         response_format: str = Form("json"),
         temperature: float = Form(0.0),
+        stream: str | None = Form(None),
+        timestamp_granularities: list[str] | None = Form(None, alias="timestamp_granularities[]"),
     ):
+        # Refused rather than ignored: no streamed transcription, and segments are the only timestamps.
+        if stream is not None and stream.lower() not in ("false", "0"):
+            raise APIError(400, "stream is not supported for transcriptions", param="stream", code="unsupported")
+        if any(g != "segment" for g in timestamp_granularities or ()):
+            raise APIError(400, "only segment timestamps are supported", param="timestamp_granularities",
+                           code="unsupported")
         return await _speech(Task.transcribe, file, dict(model=model, language=language, prompt=prompt,
                                                          response_format=response_format, temperature=temperature))
 
@@ -247,6 +257,7 @@ def build_api(
     async def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    describe(app)
     app.add_middleware(BodyLimit, max_bytes=spec.limits.max_body_bytes, metrics=metrics)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

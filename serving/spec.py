@@ -112,8 +112,12 @@ class LimitsSpec(Strict):
     max_output_tokens: int = Field(
         2048, ge=1, le=32_768, description="Upper bound on max_tokens; a request asking for more gets 400."
     )
-    default_output_tokens: int = Field(
-        256, ge=1, le=32_768, description="max_tokens when a request sets none (capped at max_output_tokens)."
+    default_output_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=32_768,
+        description="max_tokens when a request sets none; unset: what the context leaves after the prompt. Either "
+        "way capped at max_output_tokens and at what the context leaves.",
     )
     max_images_per_request: int = Field(8, ge=0, le=64, description="Image parts in one chat request.")
     max_audio_per_request: int = Field(1, ge=0, le=8, description="Audio parts in one chat request.")

@@ -121,6 +121,15 @@ class TransformersEngine:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
         if sampling.stop:
             kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+        if sampling.penalized:
+            from transformers import LogitsProcessorList
+
+            from pipelines.engines.penalties import CountPenalties
+
+            kwargs.update(logits_processor=LogitsProcessorList([CountPenalties(
+                inputs["input_ids"].shape[1], sampling.frequency_penalty, sampling.presence_penalty)]))
+        if sampling.logit_bias:
+            kwargs.update(sequence_bias={(token,): bias for token, bias in sampling.logit_bias})
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         counter = _SpecCounter()
@@ -260,7 +269,8 @@ class TransformersEngine:
 
 
 def _sampling_key(sampling: SamplingParams) -> tuple:
-    return (sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed, sampling.stop)
+    return (sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed, sampling.stop,
+            sampling.frequency_penalty, sampling.presence_penalty, sampling.logit_bias)
 
 
 @contextmanager

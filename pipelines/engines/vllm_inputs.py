@@ -276,6 +276,10 @@ def to_vllm_sampling_kwargs(sampling: SamplingParams, stop_ids: list[int] | None
         "seed": sampling.seed,
         "stop": list(sampling.stop),
     }
+    if sampling.penalized:  # vLLM's penalties follow OpenAI's rule, as the transformers engine's do
+        kwargs.update(frequency_penalty=sampling.frequency_penalty, presence_penalty=sampling.presence_penalty)
+    if sampling.logit_bias:
+        kwargs["logit_bias"] = dict(sampling.logit_bias)
     if stop_ids:
         kwargs["stop_token_ids"] = list(stop_ids)
     return kwargs

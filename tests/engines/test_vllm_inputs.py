@@ -555,3 +555,10 @@ def test_vllm_engine_runs_the_tiny_model(tmp_path):
         assert engine.health()
     finally:
         engine.close()
+
+
+def test_penalties_and_logit_bias_reach_vllm_unchanged():
+    kwargs = to_vllm_sampling_kwargs(SamplingParams(frequency_penalty=0.5, presence_penalty=-1.0,
+                                                    logit_bias=((5, -100.0), (9, 2.5))))
+    assert kwargs["frequency_penalty"] == 0.5 and kwargs["presence_penalty"] == -1.0
+    assert kwargs["logit_bias"] == {5: -100.0, 9: 2.5}

@@ -17,6 +17,7 @@ from serving.model_server import ModelServer
 from serving.router import build_api
 from serving.spec import build_spec
 
+from openai_schema import async_response_hook, check, response_hook
 from serving_helpers import InProcessHandle, data_url, png
 
 SPEC = {
@@ -40,6 +41,7 @@ def client(spec, tokenizer):
     backend = ServeModelBackend(InProcessHandle(server), metrics, retry_after_s=1, timeout_s=60)
     api = build_api(spec, backend, tokenizer, authenticator=Authenticator([]), metrics=metrics)
     with TestClient(api) as test_client:
+        test_client.event_hooks = {"response": [response_hook]}  # every answer against OpenAI's schema
         yield test_client
 
 
@@ -72,7 +74,8 @@ def test_greedy_answers_are_reproducible_and_batched_requests_agree(client):
         import httpx
 
         transport = httpx.ASGITransport(app=client.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test",
+                                     event_hooks={"response": [async_response_hook]}) as http:
             body = {"model": "tiny", "messages": [{"role": "user", "content": "Say something."}],
                     "max_tokens": 6, "temperature": 0}
             return await asyncio.gather(*(http.post("/v1/chat/completions", json=body) for _ in range(4)))
@@ -113,7 +116,7 @@ def test_stop_strings_cut_the_answer(client):
          "max_tokens_too_large"),
         ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400,
          "unsupported"),
-        ({"model": "tiny", "messages": [{"role": "assistant", "content": "x"}]}, 400, None),
+        ({"model": "tiny", "messages": [{"role": "system", "content": "x"}]}, 400, None),
         ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "invalid_value"),
         ({"model": "tiny", "messages": []}, 400, "invalid_value"),
     ],
@@ -206,3 +209,225 @@ def test_readiness_fails_while_the_model_does_not_answer(spec, tokenizer):
         assert test_client.get("/health").status_code == 200
         response = test_client.get("/health/ready")
         assert response.status_code == 503 and response.headers["retry-after"] == "1"
+
+
+def test_answers_carry_the_fields_openai_requires(client):
+    answer = chat(client, "Hello").json()
+    choice = answer["choices"][0]
+    assert choice["logprobs"] is None and choice["message"]["refusal"] is None
+    check("CreateChatCompletionResponse", answer)
+    # The schema copy is strict enough to catch the fields this endpoint used to leave out.
+    del choice["logprobs"]
+    with pytest.raises(AssertionError, match="logprobs"):
+        check("CreateChatCompletionResponse", answer)
+
+
+def test_every_stream_chunk_has_a_finish_reason_null_until_the_last(client):
+    with client.stream("POST", "/v1/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6, "temperature": 0,
+        "stream": True,
+    }) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    reasons = [c["choices"][0]["finish_reason"] for c in chunks]
+    assert all(r is None for r in reasons[:-1]) and reasons[-1] in ("stop", "length")
+    assert all("usage" not in c for c in chunks)
+
+
+@pytest.mark.parametrize("extra", [{"stream": None}, {"n": None}, {"seed": -1}, {"seed": -(2**63)}, {"top_p": 0},
+                                   {"n": 1, "stream": False, "top_p": 0.0, "seed": 2**63 - 1}])
+def test_openai_valid_requests_are_accepted(client, extra):
+    response = chat(client, "Say something.", **extra)
+    assert response.status_code == 200, response.text
+
+
+def test_top_p_0_is_greedy(client):
+    greedy = chat(client, "Say something.", max_tokens=8)
+    sampled = chat(client, "Say something.", max_tokens=8, temperature=1.0, top_p=0, seed=7)
+    assert sampled.json()["choices"][0]["message"]["content"] == greedy.json()["choices"][0]["message"]["content"]
+
+
+def _service(spec, tokenizer):
+    from serving.chat import ChatService
+    from serving.media_sources import MediaFetcher
+    from serving.protocol import ChatCompletionRequest
+
+    service = ChatService(spec, tokenizer, MediaFetcher(spec.remote_media))
+
+    def prepare(messages, **extra):
+        body = ChatCompletionRequest.model_validate({"model": "tiny", "messages": messages, **extra})
+        return asyncio.run(service.prepare(body))
+
+    return prepare
+
+
+def test_a_conversation_ending_with_the_assistant_is_continued(client, spec, tokenizer):
+    prepare = _service(spec, tokenizer)
+    messages = [{"role": "user", "content": "Say something."}, {"role": "assistant", "content": "The quick"}]
+    prompt = tokenizer.decode(prepare(messages).prompt_token_ids.tolist())
+    assert prompt.endswith("<|turn>model\nThe quick")  # the model's turn is left open, no new turn begins
+    response = client.post("/v1/chat/completions", json={"model": "tiny", "messages": messages, "max_tokens": 4,
+                                                          "temperature": 0})
+    assert response.status_code == 200, response.text
+    empty = prepare([messages[0], {"role": "assistant", "content": None}]).prompt_token_ids.tolist()
+    assert tokenizer.decode(empty).endswith("<|turn>model\n")
+
+
+def test_default_max_tokens_is_what_the_context_leaves(client, spec, tokenizer):
+    prepare = _service(spec, tokenizer)
+    length = {k: prepare([{"role": "user", "content": "word " * k}]).prompt_tokens for k in (0, 100)}
+    per_word = (length[100] - length[0]) / 100
+    words = int((spec.engine.max_model_len - length[0] - 10) / per_word)
+    request = prepare([{"role": "user", "content": "word " * words}])
+    room = spec.engine.max_model_len - request.prompt_tokens
+    assert 0 < room < spec.limits.max_output_tokens and request.sampling.max_new_tokens == room
+    # A request that sets nothing gets the endpoint's cap when the context leaves more.
+    assert prepare([{"role": "user", "content": "Hi"}]).sampling.max_new_tokens == spec.limits.max_output_tokens
+    response = client.post("/v1/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": "word " * words}], "temperature": 0})
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] <= room
+
+
+# ---- HTTP details: 405, OpenAPI document, error codes, client cancellations ----
+
+
+def test_wrong_method_is_405_with_allow(client):
+    response = client.get("/v1/chat/completions")
+    assert response.status_code == 405 and "POST" in response.headers["allow"]
+    assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_openapi_describes_the_chat_body_and_no_422(client):
+    document = client.get("/openapi.json").json()
+    body = document["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/ChatCompletionRequest"}
+    assert {"model", "messages", "frequency_penalty"} <= set(document["components"]["schemas"]["ChatCompletionRequest"]
+                                                           ["properties"])
+    responses = [r for operations in document["paths"].values() for op in operations.values()
+                 for r in op["responses"]]
+    assert "422" not in responses and "HTTPValidationError" not in document["components"]["schemas"]
+
+
+@pytest.mark.parametrize("message, param", [
+    ({"role": "user", "content": [{"type": "video", "video": "x"}]}, "messages.0.content.0"),
+    ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": 5}}]}, "messages.0.content.0.image_url.url"),
+    ({"role": "system", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}, "messages.0.content"),
+])
+def test_400s_name_the_field_without_pydantic_internals(client, message, param):
+    response = client.post("/v1/chat/completions", json={"model": "tiny", "messages": [message]})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] and error["param"] == param
+    assert not any(word in error["message"] for word in ("[", "tagged-union", "Value error", "function-"))
+
+
+def test_client_cancellations_count_as_499():
+    from serving.middleware import RequestMetrics
+
+    metrics = Metrics()
+
+    async def hangs(scope, receive, send):
+        await asyncio.sleep(60)
+
+    async def leaves_a_stream(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"data: x\n\n", "more_body": True})
+
+    async def run():
+        async def send(message):
+            pass
+
+        async def receive():
+            return {"type": "http.disconnect"}
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+        task = asyncio.ensure_future(RequestMetrics(hangs, metrics)(scope, receive, send))
+        await asyncio.sleep(0.05)
+        task.cancel()  # what Serve does when the client disconnects
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await RequestMetrics(leaves_a_stream, metrics)(scope, receive, send)
+
+    asyncio.run(run())
+    text = metrics.render().decode()
+    assert 'status="499"' in text and 'status="500"' not in text
+    assert [line for line in text.splitlines() if 'status="499"' in line and "requests_total" in line][0].endswith(
+        " 2.0")
+
+
+# ---- sampling options that change the answer ----
+
+
+def test_logit_bias_bans_and_forces_tokens(client, tokenizer):
+    greedy = chat(client, "Say something.", max_tokens=6).json()["choices"][0]["message"]["content"]
+    (forced_id,) = tokenizer(" cat", add_special_tokens=False)["input_ids"][-1:]
+    forced = chat(client, "Say something.", max_tokens=4, logit_bias={str(forced_id): 100}).json()
+    assert forced["choices"][0]["message"]["content"] == tokenizer.decode([forced_id] * 4).strip()
+    assert forced["usage"]["completion_tokens"] == 4
+    first = tokenizer(greedy, add_special_tokens=False)["input_ids"][0]
+    banned = chat(client, "Say something.", max_tokens=6, logit_bias={str(first): -100}).json()
+    assert tokenizer(banned["choices"][0]["message"]["content"], add_special_tokens=False)["input_ids"][:1] != [first]
+
+
+def test_count_penalties_subtract_openais_amounts():
+    import torch
+
+    from pipelines.engines.penalties import CountPenalties
+
+    ids = torch.tensor([[7, 7, 1, 2, 2, 3]])  # prompt [7, 7], generated [1, 2, 2, 3]
+    scores = CountPenalties(2, frequency=0.5, presence=1.0)(ids, torch.zeros(1, 8))
+    expected = torch.zeros(1, 8)
+    expected[0, 1] = expected[0, 3] = -1.5
+    expected[0, 2] = -2.0
+    assert torch.equal(scores, expected)  # the prompt's 7 is not penalised, as in OpenAI's and vLLM's rule
+
+
+def test_frequency_penalty_changes_a_repetitive_greedy_answer(client, tokenizer):
+    plain = chat(client, "Say something.", max_tokens=16).json()["choices"][0]["message"]["content"]
+    ids = tokenizer(plain, add_special_tokens=False)["input_ids"]
+    if len(set(ids)) == len(ids):
+        pytest.skip("the tiny model's greedy answer repeats no token")
+    penalised = chat(client, "Say something.", max_tokens=16, frequency_penalty=2.0, presence_penalty=2.0).json()
+    assert penalised["choices"][0]["message"]["content"] != plain
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"function_call": "auto"}, "function_call"),
+    ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ({"ignore_eos": True}, "ignore_eos"),
+    ({"store": True}, "store"),
+    ({"reasoning_effort": "high"}, "reasoning_effort"),
+    ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
+    ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({"logit_bias": {"cat": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"stream": True, "presence_penalty": 1.0}, "presence_penalty"),
+])
+def test_options_it_cannot_honour_are_refused_by_name(client, extra, param):
+    response = chat(client, "Hi", **extra)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize("extra", [{"modalities": ["text"]}, {"function_call": "none"}, {"tools": []},
+                                   {"metadata": {"a": "b"}}, {"parallel_tool_calls": True}, {"service_tier": "auto"},
+                                   {"reasoning_effort": "none"}, {"store": False}, {"ignore_eos": False},
+                                   {"frequency_penalty": 0.5, "presence_penalty": -0.5, "logit_bias": {"5": -3}}])
+def test_neutral_values_are_accepted(client, extra):
+    response = chat(client, "Hi", **extra)
+    assert response.status_code == 200, response.text
+
+
+def test_transcription_options_it_cannot_honour_are_refused(client, short_wav):
+    files = {"file": ("a.wav", short_wav, "audio/wav")}
+    for data, param in (({"stream": "true"}, "stream"), ({"timestamp_granularities[]": "word"},
+                                                         "timestamp_granularities")):
+        response = client.post("/v1/audio/transcriptions", files=files, data={"model": "tiny", **data})
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+    fine = client.post("/v1/audio/transcriptions", files=files, data={
+        "model": "tiny", "stream": "false", "timestamp_granularities[]": "segment", "response_format": "verbose_json"})
+    assert fine.status_code == 200, fine.text

@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+from openai_schema import async_response_hook, response_hook
 from serving_helpers import data_url, png
 
 pytestmark = pytest.mark.slow
@@ -55,12 +56,16 @@ def _free_port() -> int:
 class Endpoint:
     def __init__(self, port: int) -> None:
         self.base = f"http://127.0.0.1:{port}"
-        self.http = httpx.Client(base_url=self.base, timeout=120, trust_env=False)
+        # Every answer, stream chunks included, is checked against OpenAI's published schema.
+        self.http = httpx.Client(base_url=self.base, timeout=120, trust_env=False,
+                                 event_hooks={"response": [response_hook]})
 
     def openai(self, prefix: str = "", api_key: str = "unused"):
         from openai import OpenAI
 
-        return OpenAI(base_url=f"{self.base}{prefix}/v1", api_key=api_key, max_retries=0, timeout=120)
+        http = httpx.Client(timeout=120, trust_env=False, event_hooks={"response": [response_hook]})
+        return OpenAI(base_url=f"{self.base}{prefix}/v1", api_key=api_key, max_retries=0, timeout=120,
+                      http_client=http)
 
     def chat(self, content, headers=None, prefix="", **extra) -> httpx.Response:
         body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 4,
@@ -307,7 +312,8 @@ def test_overload_answers_503_with_retry_after(endpoint):
 
     async def burst():
         async with httpx.AsyncClient(base_url=endpoint.base, timeout=180, trust_env=False,
-                                     limits=httpx.Limits(max_connections=100)) as http:
+                                     limits=httpx.Limits(max_connections=100),
+                                     event_hooks={"response": [async_response_hook]}) as http:
             return await asyncio.gather(*(http.post("/v1/chat/completions", json=body) for _ in range(80)))
 
     responses = asyncio.run(burst())
