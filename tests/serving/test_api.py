@@ -224,5 +224,5 @@ def test_a_model_that_cannot_load_says_why_in_readiness_and_answers(tiny_dir, to
         ready = test_client.get("/health/ready")
         assert ready.status_code == 503 and ready.json()["status"] == "failed"
         assert "could not load" in ready.json()["error"] and str(broken) in ready.json()["error"]
-        answer = chat(test_client, "Hello")
+        answer = chat(test_client, "Hello", model=str(broken))
         assert answer.status_code == 503 and "could not load" in answer.json()["error"]["message"]
