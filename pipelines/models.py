@@ -101,7 +101,7 @@ def _hub(repo_id: str) -> Path:
         raise ModelSourceError(
             f"{repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: missing "
             f"{', '.join(REQUIRED_FILES)} and the *.safetensors weights. Download it on a connected machine "
-            f"(huggingface-cli download {repo_id}) or point the model at a local directory or s3:// URL."
+            f"(hf download {repo_id}, the Hugging Face CLI) or point the model at a local directory or s3:// URL."
         )
     try:
         return Path(snapshot_download(repo_id, allow_patterns=list(_MODEL_PATTERNS)))
