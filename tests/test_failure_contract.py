@@ -100,3 +100,13 @@ def test_a_crash_mid_run_leaves_a_terminal_job_record(tiny_dir, tmp_path):
     one_message(result)
     record = json.loads((out / "_job.json").read_text())
     assert record["status"] == "failed" and record["reason"] and "finished_at" in record
+
+
+@pytest.mark.slow
+def test_serve_reports_a_model_whose_weights_cannot_load(tiny_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "no-weights"  # tokenizer and config are there, so the pre-check passes; the replica fails
+    shutil.copytree(tiny_dir, broken, ignore=shutil.ignore_patterns("*.safetensors", "assistant"))
+    result = cli("serve", "--model", str(broken), "--port", str(_closed_port()), "--num-cpus", "2", timeout=400)
+    one_message(result, "could not load", "no file named model.safetensors")
