@@ -90,9 +90,9 @@ def explain(exc: BaseException) -> str:
             return ("the vLLM engine is not installed here: pip install -c constraints.txt '.[vllm]' on a GPU "
                     "machine, or use the transformers engine (--engine transformers)")
         return f"a required package is missing ({cause}): reinstall with pip install -c constraints.txt -e ."
-    text = str(cause).strip().splitlines()
-    first = text[0] if text else ""
-    if "auth" in f"{type(cause).__name__} {first}".lower() and "token" in first.lower():
-        return (f"the Ray cluster refused this client ({first}): set RAY_AUTH_MODE=token and the cluster's "
-                f"token (RAY_AUTH_TOKEN) in this environment")
+    text = str(cause).strip()
+    if any(marker in text for marker in ("InvalidAuthToken", "Unauthenticated", "UNAUTHENTICATED")):
+        return ("the Ray cluster refused this client's authentication token: give it the cluster's token "
+                "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH to its file, or ~/.ray/auth_token)")
+    first = text.splitlines()[0] if text else ""
     return f"{type(cause).__name__}: {first}" if first else type(cause).__name__

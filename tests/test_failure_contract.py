@@ -110,3 +110,15 @@ def test_serve_reports_a_model_whose_weights_cannot_load(tiny_dir, tmp_path):
     shutil.copytree(tiny_dir, broken, ignore=shutil.ignore_patterns("*.safetensors", "assistant"))
     result = cli("serve", "--model", str(broken), "--port", str(_closed_port()), "--num-cpus", "2", timeout=400)
     one_message(result, "could not load", "no file named model.safetensors")
+
+
+@pytest.mark.slow
+def test_a_refused_authentication_token_is_one_message(ray_cluster, images, tmp_path):
+    if os.environ.get("RAY_AUTH_MODE") == "disabled":
+        pytest.skip("token authentication is off for this Ray instance")
+    address = ray_cluster.get_runtime_context().gcs_address
+    started = time.monotonic()
+    result = cli("run", "--task", "caption", "--input", str(images), "--output", str(tmp_path / "out"),
+                 "--address", address, "--no-progress", env={"RAY_AUTH_TOKEN": "not-the-cluster-token"})
+    one_message(result, "refused this client's authentication token", "RAY_AUTH_TOKEN")
+    assert time.monotonic() - started < 60
