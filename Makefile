@@ -21,7 +21,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 bench: install
-	$(BIN)/python benchmarks/tokenize.py
+	$(BIN)/python benchmarks/tokenization.py
 	$(BIN)/python benchmarks/engine.py
 	$(BIN)/python benchmarks/batch.py
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-# This folder holds tokenize.py, which would shadow the standard library's module: run from the repo root instead.
+# Run as a script, the project imports from this checkout: the repo root goes first on the path.
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path[0] = os.path.dirname(sys.path[0])
 

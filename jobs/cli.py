@@ -10,12 +10,22 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from jobs.failures import EXIT_ITEMS_FAILED, ContractGroup, quiet_library_errors, set_verbose
+
 app = typer.Typer(
-    help="Batch and online inference for Gemma 4 12B Unified: images, audio and documents in, text out.",
+    cls=ContractGroup,
+    help="Batch and online inference for Gemma 4 12B Unified: images, audio and documents in, text out. "
+    "Exit codes: 0 all succeeded, 1 some items failed, 2 could not run.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
 console = Console()
+
+
+@app.callback()
+def _root(verbose: bool = typer.Option(False, "--verbose", help="Log what happens, and print tracebacks of "
+                                       "failures (accepted anywhere on the command line).")) -> None:
+    set_verbose(verbose)
 
 
 def _parse_storage_options(pairs: list[str] | None) -> dict:
@@ -89,17 +99,19 @@ def run(
     retry_failed: Optional[bool] = typer.Option(None, "--retry-failed/--no-retry-failed",
                                                 help="On rerun, retry items in errors/ (default) or keep them."),
     storage_option: Optional[List[str]] = typer.Option(None, help="fsspec option KEY=VALUE for input and output."),
+    skip_unsupported: Optional[bool] = typer.Option(None, "--skip-unsupported/--no-skip-unsupported",
+                                                    help="Leave out (and count) files this project cannot read, "
+                                                    "instead of one error row each."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show Ray Data progress bars."),
 ) -> None:
     """Run (or resume) a batch job: media in, Parquet results out."""
     from jobs.report import print_summary
     from jobs.spec import load_job
     from pipelines.batch import run as run_job
-    from pipelines.errors import GemmaUnifiedError
 
     storage = _parse_storage_options(storage_option) or None
     overrides = {
-        "input": {"url": input, "storage_options": storage},
+        "input": {"url": input, "storage_options": storage, "skip_unsupported": skip_unsupported},
         "output": {"url": output, "storage_options": storage, "retry_failed": retry_failed},
         "task": {"task": task, "max_new_tokens": max_new_tokens, "language": language,
                  "source_language": source_language, "target_language": target_language,
@@ -109,15 +121,12 @@ def run(
         "media": {"max_soft_tokens": max_soft_tokens},
         "resources": {"replicas": replicas, "batch_size": batch_size, "address": address},
     }
-    try:
-        job = load_job(job_file, overrides)
-        summary = run_job(job, progress=progress)
-    except GemmaUnifiedError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(code=2)
+    job = load_job(job_file, overrides)
+    quiet_library_errors()
+    summary = run_job(job, progress=progress)  # a failure that stops the job: one message and exit 2 (failures.py)
     print_summary(summary, console)
-    if summary.run_failed:
-        raise typer.Exit(code=1)
+    if summary.failed:  # this run's failures, and earlier ones kept by --no-retry-failed
+        raise typer.Exit(code=EXIT_ITEMS_FAILED)
 
 
 @app.command("make-tiny-model")
@@ -146,11 +155,13 @@ def demo(
 from jobs.cluster_cli import jobs_app, submit  # noqa: E402  (sub-commands live beside their logic)
 from jobs.render_cli import render_k8s  # noqa: E402
 from jobs.schedule_cli import schedule_app  # noqa: E402
+from jobs.show import show  # noqa: E402
 from serving.cli import serve_command  # noqa: E402
 
 app.command("serve")(serve_command)
 app.command("render-k8s")(render_k8s)
 app.command()(submit)
+app.command()(show)
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(schedule_app, name="schedule")
 

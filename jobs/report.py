@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipelines.batch import JobSummary
@@ -13,7 +14,7 @@ def print_summary(summary: JobSummary, console: Console) -> None:
     for column in ("items", "succeeded", "failed", "skipped (done before)", "items/s", "output tokens/s",
                    "speculative acceptance"):
         table.add_column(column, justify="right")
-    acceptance = "-" if summary.acceptance is None else f"{summary.acceptance:.1%}"
+    acceptance = "- (off)" if summary.acceptance is None else f"{summary.acceptance:.1%}"
     table.add_row(
         str(summary.total),
         str(summary.succeeded),
@@ -25,3 +26,10 @@ def print_summary(summary: JobSummary, console: Console) -> None:
     )
     console.print(table)
     console.print(f"this run: {summary.run_succeeded} succeeded, {summary.run_failed} failed in {summary.wall_s:.1f}s")
+    if summary.skipped_unsupported:
+        console.print(f"skipped: {summary.skipped_unsupported} file(s) this project cannot read (listed in _job.json)")
+    output = escape(summary.output)
+    console.print(f"results: {output}/results/  errors: {output}/errors/  job record: {output}/_job.json",
+                  soft_wrap=True)
+    look = f"gemma-unified show {output}" + (f"  |  gemma-unified show {output} --errors" if summary.failed else "")
+    console.print(f"look at them: {look}", soft_wrap=True)

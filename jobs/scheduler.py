@@ -63,7 +63,7 @@ def read_counts(run: Run, job: JobSpec) -> dict:
         return {}
     this_run = manifest.get("this_run") or {}
     finished = manifest.get("finished_at")
-    if manifest.get("status") != "complete" or not this_run or not finished:
+    if manifest.get("status") not in ("succeeded", "partial") or not this_run or not finished:
         return {}
     if run.started_at and datetime.fromisoformat(finished) < run.started_at:
         return {}  # the manifest of an earlier run: this one failed before finishing

@@ -11,7 +11,8 @@ from datetime import datetime, timezone
 
 from pipelines.config import JobSpec
 from pipelines.environment import forwarded_env
-from pipelines.errors import FatalEngineError
+from pipelines.errors import FatalEngineError, explain
+from pipelines.preflight import check_cluster, check_local_model, cluster_address
 from pipelines.sinks import ERRORS, RESULTS, OutputDir
 from pipelines.sources import check_reachable, detect_format, iter_listing
 from pipelines.stitch import stitch_windows
@@ -31,6 +32,7 @@ class JobSummary:
     run_succeeded: int = 0
     run_failed: int = 0
     skipped: int = 0
+    skipped_unsupported: int = 0
     output_tokens: int = 0
     prompt_tokens: int = 0
     spec_drafted: int = 0
@@ -58,8 +60,9 @@ def connect(job: JobSpec) -> None:
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": forwarded_env()}
-    address = job.resources.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(job.resources.address)
     if address:
+        check_cluster(address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
     else:
         ray.init(
@@ -71,7 +74,7 @@ def connect(job: JobSpec) -> None:
         )
 
 
-def _write_listing(job: JobSpec, out: OutputDir, run_id: str) -> str:
+def _write_listing(job: JobSpec, out: OutputDir, run_id: str, skipped: list[str]) -> str:
     """Stream the input listing to Parquet pages under the output, holding one page in memory at a time."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -91,7 +94,7 @@ def _write_listing(job: JobSpec, out: OutputDir, run_id: str) -> str:
             pq.write_table(table, handle)
         page, pages = [], pages + 1
 
-    for row in iter_listing(job.input):
+    for row in iter_listing(job.input, skipped):
         page.append(row)
         if len(page) >= LISTING_PAGE:
             flush()
@@ -100,13 +103,13 @@ def _write_listing(job: JobSpec, out: OutputDir, run_id: str) -> str:
     return folder
 
 
-def _read_input(job: JobSpec, out: OutputDir, run_id: str):
+def _read_input(job: JobSpec, out: OutputDir, run_id: str, skipped: list[str]):
     import ray.data
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     if detect_format(job.input) == "manifest":
         return _read_manifest(job)
-    folder = _write_listing(job, out, run_id)
+    folder = _write_listing(job, out, run_id, skipped)
     return ray.data.read_parquet(folder, filesystem=PyFileSystem(FSSpecHandler(out.fs)))
 
 
@@ -123,22 +126,30 @@ def _read_manifest(job: JobSpec):
         dataset = ray.data.read_parquet(path, filesystem=arrow_fs)
     elif lower.endswith(".csv"):
         dataset = ray.data.read_csv(path, filesystem=arrow_fs)
-    else:
-        dataset = ray.data.read_json(path, filesystem=arrow_fs, lines=True)
+    else:  # JSON Lines: Arrow's reader takes newline-delimited JSON as is (Ray's lines=True path takes no filesystem)
+        dataset = ray.data.read_json(path, filesystem=arrow_fs)
     return dataset.map_batches(_normalise_manifest, batch_format="pyarrow")
 
 
 def _normalise_manifest(table):
     """Manifest rows -> listing rows: id, uri (or inline data), kind, and the per-row task fields."""
+    import base64
+
     import pyarrow as pa
 
     from pipelines.sources import LISTING_SCHEMA_FIELDS, ROW_FIELDS, stable_id
 
     n = table.num_rows
     names = set(table.column_names)
-    data = table.column("data").to_pylist() if "data" in names else [None] * n
-    uris = table.column("uri").to_pylist() if "uri" in names else [None] * n
-    ids = table.column("id").to_pylist() if "id" in names else [None] * n
+
+    def column(name: str) -> list:  # an empty CSV cell reads as "": it means "not set", like a JSON null
+        values = table.column(name).to_pylist() if name in names else [None] * n
+        return [None if v == "" else v for v in values]
+
+    # Text manifests (JSON Lines, CSV) carry inline bytes as base64.
+    data = [base64.b64decode(d) if isinstance(d, str) else d for d in column("data")]
+    uris = column("uri")
+    ids = column("id")
     ids = [str(i) if i is not None else (u or (stable_id(d) if d else None)) for i, u, d in zip(ids, uris, data)]
     columns = {
         "id": pa.array(ids, pa.string()),
@@ -147,11 +158,8 @@ def _normalise_manifest(table):
         "data": pa.array(data, pa.binary()),
     }
     for name in ROW_FIELDS:
-        columns[name] = pa.array(
-            [None if v is None else str(v) for v in table.column(name).to_pylist()] if name in names else [None] * n,
-            pa.string(),
-        )
-    budgets = table.column("max_soft_tokens").to_pylist() if "max_soft_tokens" in names else [None] * n
+        columns[name] = pa.array([None if v is None else str(v) for v in column(name)], pa.string())
+    budgets = column("max_soft_tokens")
     columns["max_soft_tokens"] = pa.array([None if b is None else int(b) for b in budgets], pa.int64())
     assert tuple(columns) == LISTING_SCHEMA_FIELDS
     return pa.table(columns)
@@ -198,33 +206,51 @@ def build(job: JobSpec, dataset, done_ref, generate_stage=None):
 
 
 def run(job: JobSpec, *, progress: bool = True, generate_stage=None) -> JobSummary:
-    """Run (or resume) a batch job to completion and write `_job.json`."""
-    import numpy as np
-    import ray
+    """Run (or resume) a batch job to completion and write `_job.json`. `generate_stage`: a `Generate` subclass
+    (fault-injection tests).
 
+    `_job.json` always ends in a terminal state: `succeeded` (every item of the output), `partial` (some items
+    failed), or, when the run itself could not finish, `failed` or `stopped` with the reason.
+    """
     started_at = datetime.now(timezone.utc)
-    started = time.perf_counter()
     out = OutputDir(job.output.url, job.output.storage_options)
     fingerprint = job.fingerprint()
     check_reachable(job.input.url, job.input.storage_options)
     out.check_fingerprint(fingerprint)
     previous = out.read_manifest() or {}
+    header = {**previous, "fingerprint": fingerprint, "spec": _redacted(job), "started_at": started_at.isoformat()}
+    header.pop("reason", None)
+    out.write_manifest({**header, "status": "running"})
+    try:
+        return _run(job, out, previous, header, progress, generate_stage)
+    except BaseException as exc:
+        stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))
+        reason = "interrupted" if stopped else explain(exc)
+        out.write_manifest({**header, "status": "stopped" if stopped else "failed", "reason": reason,
+                            "finished_at": datetime.now(timezone.utc).isoformat()})
+        raise
 
+
+def _run(job: JobSpec, out: OutputDir, previous: dict, header: dict, progress: bool, generate_stage) -> JobSummary:
+    import numpy as np
+    import ray
+
+    started = time.perf_counter()
+    if not cluster_address(job.resources.address):  # on a cluster the model and engine live on the workers
+        check_local_model(job.model, job.engine)
     done = out.done_ids(job.output.retry_failed)
     if job.output.retry_failed:
         out.drop_errors()
-    out.write_manifest({**previous, "fingerprint": fingerprint, "status": "running",
-                        "spec": _redacted(job), "started_at": started_at.isoformat()})
-
     connect(job)
     ray.data.DataContext.get_current().enable_progress_bars = progress
     if not progress:  # quiet runs (demo, tests, scripts) keep only Ray Data's warnings
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     run_id = uuid.uuid4().hex[:12]
-    dataset = _read_input(job, out, run_id)
+    unsupported: list[str] = []
+    dataset = _read_input(job, out, run_id, unsupported)
     done_ref = ray.put(done) if len(done) else None
     timings = {"setup_s": time.perf_counter() - started}
-    summary = JobSummary(output=out.url, fingerprint=fingerprint, skipped=len(done))
+    summary = JobSummary(output=out.url, fingerprint=header["fingerprint"], skipped=len(done))
     out.clear_replica_failures()
     try:
         for batch in build(job, dataset, done_ref, generate_stage).iter_batches(batch_size=None, batch_format="numpy"):
@@ -249,6 +275,7 @@ def run(job: JobSpec, *, progress: bool = True, generate_stage=None) -> JobSumma
     clips = stitch_windows(out)
     summary.run_succeeded += clips.succeeded
     summary.run_failed += clips.failed
+    summary.skipped_unsupported = len(unsupported)
     summary.wall_s = time.perf_counter() - started
     timings["run_s"] = summary.wall_s - timings["setup_s"]
     summary.timings = timings
@@ -258,14 +285,14 @@ def run(job: JobSpec, *, progress: bool = True, generate_stage=None) -> JobSumma
     out.fs.rm(out.path("_work", f"listing-{run_id}"), recursive=True) if out.fs.exists(
         out.path("_work", f"listing-{run_id}")) else None
     out.write_manifest({
-        "fingerprint": fingerprint,
-        "status": "complete",
-        "spec": _redacted(job),
-        "started_at": started_at.isoformat(),
+        **header,
+        "status": "partial" if summary.failed else "succeeded",
         "finished_at": datetime.now(timezone.utc).isoformat(),
         "counts": {"total": summary.total, "succeeded": summary.succeeded, "failed": summary.failed},
         "this_run": {"succeeded": summary.run_succeeded, "failed": summary.run_failed,
-                     "skipped_already_done": summary.skipped},
+                     "skipped_already_done": summary.skipped,
+                     "skipped_unsupported": summary.skipped_unsupported},
+        "skipped_unsupported": unsupported[:100],  # the first ids, so a person can see what was left out
         "throughput": {"items_per_s": summary.items_per_s, "output_tokens_per_s": summary.tokens_per_s,
                        "speculative_acceptance": summary.acceptance},
         "tokens": {"prompt": summary.prompt_tokens, "output": summary.output_tokens,

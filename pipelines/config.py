@@ -35,8 +35,9 @@ class ModelSpec(Strict):
     assistant: str | None = Field(
         "auto",
         max_length=1024,
-        description="MTP drafter for speculative decoding: `auto` (the preset's or tiny's own), `none`, or a "
-        "directory / id / URL like `name`.",
+        description="MTP drafter for speculative decoding: `auto` (the preset's, or `assistant/` inside the model "
+        "directory; none for tiny, whose random drafter is accepted only by chance), `none`, `tiny` (the tiny "
+        "model's drafter), or a directory / id / URL like `name`.",
     )
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for a model held in object storage (endpoint_url, ...)."
@@ -96,6 +97,12 @@ class InputSpec(Strict):
         "WebDataset shards and media files are items. files / tar / manifest force one reading.",
     )
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (endpoint_url, ...).")
+    skip_unsupported: bool = Field(
+        False,
+        description="In a directory or glob, leave out files that are neither a known media extension nor "
+        "recognised by their content, counting them as skipped in _job.json and the summary. Off: each such file "
+        "is an error row.",
+    )
 
 
 class TaskSpec(Strict):

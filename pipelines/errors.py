@@ -70,3 +70,46 @@ def is_fatal(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError) or _FATAL_TYPES & {cls.__name__ for cls in type(exc).__mro__}:
         return True
     return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in _FATAL_MESSAGES)
+
+
+class ClusterError(GemmaUnifiedError):
+    """The Ray cluster cannot be reached or refuses this client."""
+
+
+class EngineUnavailable(GemmaUnifiedError):
+    """The chosen engine cannot run here (its optional dependency is not installed)."""
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The exception that started it all, through Ray's wrappers (`cause`) and Python's chaining."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, GemmaUnifiedError):
+            return exc
+        inner = getattr(exc, "cause", None)
+        if not isinstance(inner, BaseException):
+            inner = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+        if inner is None:
+            return exc
+        exc = inner
+    return exc
+
+
+def explain(exc: BaseException) -> str:
+    """One line for a person: what failed and what to try, whatever layer raised it."""
+    cause = root_cause(exc)
+    if isinstance(cause, GemmaUnifiedError):
+        return str(cause)
+    if isinstance(cause, ImportError):
+        package = (cause.name or "").split(".")[0]
+        if package == "vllm":
+            return ("the vLLM engine is not installed here: pip install -c constraints.txt '.[vllm]' on a GPU "
+                    "machine, or use the transformers engine (--engine transformers)")
+        return f"a required package is missing ({cause}): reinstall with pip install -c constraints.txt -e ."
+    text = str(cause).strip()
+    if any(marker in text for marker in ("InvalidAuthToken", "Unauthenticated", "UNAUTHENTICATED")):
+        return ("the Ray cluster refused this client's authentication token: give it the cluster's token "
+                "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH to its file, or ~/.ray/auth_token)")
+    first = text.splitlines()[0] if text else ""
+    return f"{type(cause).__name__}: {first}" if first else type(cause).__name__

@@ -101,7 +101,7 @@ def _hub(repo_id: str) -> Path:
         raise ModelSourceError(
             f"{repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: missing "
             f"{', '.join(REQUIRED_FILES)} and the *.safetensors weights. Download it on a connected machine "
-            f"(huggingface-cli download {repo_id}) or point the model at a local directory or s3:// URL."
+            f"(hf download {repo_id}, the Hugging Face CLI) or point the model at a local directory or s3:// URL."
         )
     try:
         return Path(snapshot_download(repo_id, allow_patterns=list(_MODEL_PATTERNS)))
@@ -112,11 +112,24 @@ def _hub(repo_id: str) -> Path:
         ) from None
 
 
+def _looks_local(name: str) -> bool:
+    """A path rather than a Hugging Face id ("org/name"): explicit path syntax, more than one slash, or a first
+    component that exists here. Such a name is never sent to the hub, so a typo fails as a missing directory."""
+    if name.startswith(("file://", "/", "./", "../", "~", ".")) or name.count("/") > 1 or "\\" in name:
+        return True
+    return Path(name).exists() or ("/" in name and Path(name.split("/", 1)[0]).is_dir())
+
+
 def _locate(name: str, storage_options: dict) -> Path:
     if "://" in name and not name.startswith("file://"):
         path = _mirror(name, storage_options)
     elif Path(name.removeprefix("file://")).expanduser().is_dir():
         path = Path(name.removeprefix("file://")).expanduser()
+    elif _looks_local(name):
+        raise ModelSourceError(
+            f"no model directory at {name!r} (resolved to {Path(name.removeprefix('file://')).expanduser().resolve()}): "
+            f"check the path, or use a preset ({', '.join(PRESETS)}), tiny, a Hugging Face id or an s3:// URL"
+        )
     else:
         path = _hub(name)
     missing = [f for f in REQUIRED_FILES if not (path / f).exists()]
@@ -130,14 +143,17 @@ def resolve(spec: ModelSpec | str) -> ResolvedModel:
     spec = ModelSpec(name=spec) if isinstance(spec, str) else spec
     name, default_assistant = spec.name, None
     if name == TINY:
+        # The tiny drafter is as untrained as the tiny model: its drafts are accepted only by chance, so `auto`
+        # leaves it out (speculation would only slow runs down); `assistant: tiny` opts in to exercise that path.
         path = tiny_dir()
-        default_assistant = path / "assistant"
     else:
         if name in PRESETS:
             name, default_assistant = PRESETS[name]
         path = _locate(name, spec.storage_options)
-    if spec.assistant in (None, "none"):
+    if spec.assistant in (None, "none") or (spec.assistant == "auto" and name == TINY):
         assistant = None
+    elif spec.assistant == TINY:
+        assistant = tiny_dir() / "assistant"
     elif spec.assistant == "auto":
         if isinstance(default_assistant, Path):
             assistant = default_assistant

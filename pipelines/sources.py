@@ -82,8 +82,11 @@ def check_reachable(url: str, storage_options: dict | None = None) -> None:
         raise StorageError(f"nothing found at {url}")
 
 
-def iter_listing(spec: InputSpec) -> Iterator[dict]:
-    """Listing rows (id, uri, kind) for files and tar shards, in a stable order within each directory."""
+def iter_listing(spec: InputSpec, skipped: list[str] | None = None) -> Iterator[dict]:
+    """Listing rows (id, uri, kind) for files and tar shards, in a stable order within each directory.
+
+    Every file is listed (what it holds decides how it is read, and one that cannot be read is an error row),
+    except, with `skip_unsupported`, files no extension or content check recognises: their ids go to `skipped`."""
     kind = detect_format(spec)
     fs, root = filesystem(spec.url, spec.storage_options)
     prefix = _protocol_prefix(fs, spec.url)
@@ -97,10 +100,25 @@ def iter_listing(spec: InputSpec) -> Iterator[dict]:
     for path in paths:
         suffix = posixpath.splitext(path)[1].lower()
         is_shard = suffix == ".tar" and kind != "files"
-        if not is_shard and (kind == "tar" or (suffix and suffix not in MEDIA_SUFFIXES)):
+        if not is_shard and kind == "tar":
             continue
         relative = posixpath.relpath(path, base) if base else path
+        if spec.skip_unsupported and not is_shard and suffix not in MEDIA_SUFFIXES and not _recognised(fs, path):
+            if skipped is not None:
+                skipped.append(relative)
+            continue
         yield {"id": relative, "uri": prefix + path, "kind": "tar" if is_shard else "file"}
+
+
+def _recognised(fs, path: str) -> bool:
+    """Whether a file's content is something this project reads (read only for files with an unknown extension)."""
+    from pipelines.media.sniff import sniff
+
+    try:
+        with fs.open(path, "rb") as handle:
+            return sniff(handle) is not None
+    except Exception:  # noqa: BLE001 - unreadable now: list it, so reading it fails as this item's error row
+        return True
 
 
 def _walk_files(fs, root: str) -> Iterator[str]:

@@ -12,7 +12,8 @@ import os
 from ray import serve
 from ray.serve.config import BackpressureConfig
 
-from pipelines.environment import forwarded_env  # API keys travel as digests, never as plain env values
+from pipelines.environment import forwarded_env
+from pipelines.preflight import check_cluster, cluster_address  # API keys travel as digests, never as plain env values
 from serving.auth import Authenticator, configured_digests
 from serving.spec import ServeSpec, build_spec, load_spec
 
@@ -110,8 +111,9 @@ def connect(spec: ServeSpec, address: str | None = None, *, num_cpus: int | None
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": forwarded_env()}
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(address)
     if address:
+        check_cluster(address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
         return
     if spec.http.proxy == "haproxy":

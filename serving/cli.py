@@ -25,7 +25,8 @@ def serve_command(
     import signal
     import time
 
-    from pipelines.errors import GemmaUnifiedError
+    from pipelines.errors import GemmaUnifiedError, ModelSourceError
+    from pipelines.preflight import check_local_model
     from serving.spec import load_spec
 
     overrides = {
@@ -47,8 +48,16 @@ def serve_command(
     if on_cluster and spec.http.proxy == "haproxy":
         typer.echo("note: http.proxy=haproxy takes effect only where the cluster's nodes started with "
                    "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 and RAY_SERVE_ENABLE_HA_PROXY=1", err=True)
+    if not on_cluster:  # here the model and the engine's extra must be on this machine: say so before Ray starts
+        check_local_model(spec.model, spec.engine)
     connect(spec, address, num_cpus=num_cpus)
     start(spec)
+    load_error = _model_load_error(spec)
+    if load_error:
+        serve.delete(spec.app_name)
+        if not on_cluster:
+            serve.shutdown()
+        raise ModelSourceError(load_error)
     shown_host = "127.0.0.1" if spec.http.host in ("0.0.0.0", "::") else spec.http.host
     base = f"http://{shown_host}:{spec.http.port}{spec.route_prefix.rstrip('/')}"
     typer.echo(f"Serving {spec.model_id!r} at {base}/v1 (readiness: {base}/health/ready). Ctrl-C stops it.")
@@ -62,6 +71,16 @@ def serve_command(
         serve.delete(spec.app_name)
         if not on_cluster:
             serve.shutdown()
+
+
+def _model_load_error(spec) -> str | None:
+    """What a model replica reports when its model could not load (the replica stays up to say it)."""
+    from ray import serve
+
+    from serving.app import MODEL_NAME
+
+    info = serve.get_deployment_handle(MODEL_NAME, spec.app_name).ready.remote().result(timeout_s=120)
+    return info.get("error")
 
 
 def _interrupt(signum, frame) -> None:

@@ -7,15 +7,18 @@ reaches the ingress as its own error with its status, whatever Ray does to excep
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 from pipelines.engines.base import GenerationResult, PreparedRequest, check_fits
-from pipelines.errors import ItemError
+from pipelines.errors import ItemError, explain
 from serving.batcher import MicroBatcher
 from serving.spec import ServeSpec
 from serving.stops import StopScanner
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,7 +65,16 @@ class ModelServer:
 
         torch.set_num_threads(threads)
         started = time.perf_counter()
-        self.engine = engine if engine is not None else open_engine(self.spec)
+        self.load_error: str | None = None
+        try:
+            self.engine = engine if engine is not None else open_engine(self.spec)
+        except Exception as exc:  # noqa: BLE001 - kept as this replica's state, see below
+            # A model that cannot load (missing files, missing extra) will not load on a retry either: the replica
+            # stays up and says why, in its log, in /health/ready and in every answer, rather than Serve's bare
+            # "failed to update the deployments" after endless restarts.
+            self.engine = None
+            self.load_error = f"the model {self.spec.model_id!r} could not load: {explain(exc)}"
+            log.error("%s", self.load_error)
         self.load_s = time.perf_counter() - started
         # vLLM schedules concurrent requests itself; the transformers engine needs them handed over together.
         self.own_batching = self.spec.engine.kind == "vllm"
@@ -76,6 +88,8 @@ class ModelServer:
 
     async def generate(self, request: PreparedRequest) -> ModelReply:
         started = time.perf_counter()
+        if self.load_error:
+            return ModelReply(error=ModelError(503, self.load_error, "model_not_loaded"))
         try:
             if self.own_batching:
                 (result,) = await asyncio.to_thread(self.engine.generate, [request])
@@ -112,6 +126,9 @@ class ModelServer:
         """{"delta": text} events, then {"finish_reason", "output_tokens"}; or one {"error": {...}}."""
         scanner = StopScanner(request.sampling.stop)
         text: list[str] = []
+        if self.load_error:
+            yield {"error": {"status": 503, "message": self.load_error, "code": "model_not_loaded"}}
+            return
         try:
             check_fits(request, self.spec.engine.max_model_len)
             async for delta in self.engine.stream(request):
@@ -140,8 +157,10 @@ class ModelServer:
     # ---- lifecycle ----
 
     async def ready(self) -> dict:
+        if self.load_error:
+            return {"model": self.spec.model_id, "error": self.load_error}
         return {"model": self.spec.model_id, "load_s": round(self.load_s, 3), "queue_depth": self.batcher.depth}
 
     def check_health(self) -> None:
-        if not self.engine.health():
+        if self.engine is not None and not self.engine.health():
             raise RuntimeError("the engine is not healthy")

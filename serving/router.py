@@ -251,6 +251,9 @@ def build_api(
         if info is None:
             return JSONResponse({"status": "loading", "model": spec.model_id}, status_code=503,
                                 headers={"Retry-After": str(spec.limits.retry_after_s)})
+        if info.get("error"):  # the model could not load: say why, no Retry-After (waiting will not help)
+            metrics.model_ready.set(0)
+            return JSONResponse({"status": "failed", **info}, status_code=503)
         return {"status": "ready", **info}
 
     @app.get("/metrics")

@@ -78,10 +78,11 @@ def test_caption_with_bad_items_as_error_rows(ray_cluster, tmp_path):
     assert (summary.total, summary.succeeded, summary.failed) == (6, 3, 3)
     row = results[0]
     assert row["image_tokens"] > 0 and row["output_tokens"] == 6 and row["finish_reason"] == "length"
-    assert row["model"] == "tiny" and row["spec_drafted"] >= 1 and row["latency_s"] > 0
+    assert row["model"] == "tiny" and row["latency_s"] > 0
+    assert row["spec_drafted"] is None  # the tiny model does not speculate with its random drafter by default
     manifest = json.loads((tmp_path / "out" / "_job.json").read_text())
     assert manifest["counts"] == {"total": 6, "succeeded": 3, "failed": 3}
-    assert manifest["fingerprint"] == summary.fingerprint and manifest["status"] == "complete"
+    assert manifest["fingerprint"] == summary.fingerprint and manifest["status"] == "partial"
 
 
 def test_transcribe_long_audio_is_stitched_in_order(ray_cluster, tmp_path):

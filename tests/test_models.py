@@ -11,11 +11,26 @@ from pipelines.errors import ModelSourceError
 from pipelines.models import resolve
 
 
-def test_tiny_resolves_with_its_assistant(tiny_dir):
+def test_tiny_speculates_only_when_asked(tiny_dir):
     model = resolve("tiny")
     assert model.path == tiny_dir and (model.path / "model.safetensors").exists()
-    assert model.assistant_path == tiny_dir / "assistant"
+    assert model.assistant_path is None  # its random drafter would be accepted only by chance
+    assert resolve(ModelSpec(name="tiny", assistant="tiny")).assistant_path == tiny_dir / "assistant"
     assert resolve(ModelSpec(name="tiny", assistant="none")).assistant_path is None
+
+
+@pytest.mark.parametrize("name", ["./models/gemma", "/nonexistent/gemma", "~/no-such-model", "a/b/c"])
+def test_a_path_that_does_not_exist_is_not_taken_for_a_hub_id(name, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # a hub lookup would fail differently (and slowly)
+    with pytest.raises(ModelSourceError, match="no model directory at"):
+        resolve(name)
+
+
+def test_a_mistyped_folder_under_an_existing_one_is_local(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(ModelSourceError, match="no model directory at 'models/gemma-4-12b-itt'"):
+        resolve("models/gemma-4-12b-itt")
 
 
 def test_local_directory_and_its_assistant_folder(tiny_dir):

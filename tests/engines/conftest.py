@@ -10,9 +10,10 @@ from PIL import Image
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_dir):
+    from pipelines.config import ModelSpec
     from pipelines.models import resolve
 
-    return resolve("tiny")
+    return resolve(ModelSpec(name="tiny", assistant="tiny"))
 
 
 @pytest.fixture(scope="session")

@@ -208,7 +208,7 @@ def test_a_submitted_job_completes_with_its_model_actors_on_the_worker_node(clus
 
     out = OutputDir(str(submitted.output), {})
     assert sorted(out.read_column(RESULTS)) == submitted.expected_ids and len(out.read_column(ERRORS)) == 0
-    assert json.loads((submitted.output / "_job.json").read_text())["status"] == "complete"
+    assert json.loads((submitted.output / "_job.json").read_text())["status"] == "succeeded"
 
     info = JobSubmissionClient(cluster.address).get_job_info(submitted.job_id)
     actors = [a for a in list_actors(address=cluster.address, limit=10_000)

@@ -431,3 +431,23 @@ def test_transcription_options_it_cannot_honour_are_refused(client, short_wav):
     fine = client.post("/v1/audio/transcriptions", files=files, data={
         "model": "tiny", "stream": "false", "timestamp_granularities[]": "segment", "response_format": "verbose_json"})
     assert fine.status_code == 200, fine.text
+
+
+def test_a_model_that_cannot_load_says_why_in_readiness_and_answers(tiny_dir, tokenizer, tmp_path, caplog):
+    import shutil
+
+    broken = tmp_path / "no-weights"
+    shutil.copytree(tiny_dir, broken, ignore=shutil.ignore_patterns("*.safetensors", "assistant"))
+    spec = build_spec({**SPEC, "model": {"name": str(broken)}})
+    with caplog.at_level("ERROR", logger="serving.model_server"):
+        server = ModelServer(spec.model_dump(mode="json"))  # the replica stays up to report the cause
+    assert any("could not load" in r.getMessage() for r in caplog.records)
+    metrics = Metrics()
+    backend = ServeModelBackend(InProcessHandle(server), metrics, retry_after_s=1, timeout_s=60)
+    api = build_api(spec, backend, tokenizer, authenticator=Authenticator([]), metrics=metrics)
+    with TestClient(api) as test_client:
+        ready = test_client.get("/health/ready")
+        assert ready.status_code == 503 and ready.json()["status"] == "failed"
+        assert "could not load" in ready.json()["error"] and str(broken) in ready.json()["error"]
+        answer = chat(test_client, "Hello", model=str(broken))
+        assert answer.status_code == 503 and "could not load" in answer.json()["error"]["message"]

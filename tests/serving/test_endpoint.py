@@ -40,6 +40,7 @@ MAIN = {
 SECURED = {
     "app_name": "secured",
     "route_prefix": "/secured",
+    "model": {"name": "tiny", "assistant": "tiny"},  # the tiny drafter, opted in: the speculative path serves too
     "engine": {"speculative": True},
     "resources": {"ingress": {"num_cpus": 0.25}, "model": {"num_cpus": 0.25, "torch_threads": 1}},
     "autoscaling": {"ingress": {"max_replicas": 1}, "model": {"max_replicas": 1}},

@@ -1,6 +1,6 @@
 """CPU tokenization throughput per core: ours beside transformers' processors, same inputs, same run.
 
-    python benchmarks/tokenize.py [--seconds 3]
+    python benchmarks/tokenization.py [--seconds 3]
 
 Both sides run on one thread (torch.set_num_threads(1)), so the numbers are per core. Every measured image is
 also checked bit for bit against the transformers output. Peak memory per image is measured in a fresh
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-# Run as a script, this file's folder leads sys.path and its name would shadow the standard library's tokenize.
+# Run as a script, the project imports from this checkout: the repo root goes first on the path.
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path[0] = os.path.dirname(sys.path[0])
 
