@@ -11,7 +11,10 @@ GPU_PINS_BIN  := $(GPU_PINS_VENV)/bin
 # MTP fix), run again under the GPU set's transformers.
 GPU_PINS_TESTS := tests/test_prompts.py tests/test_models.py tests/media tests/engines
 
-.PHONY: install demo test bench render-examples clean check-gpu-pins test-gpu-pins
+# vLLM's Python code (no CUDA wheel) beside the GPU set's transformers: its input processing runs on CPU.
+VLLM_CPU := $(GPU_PINS_VENV)/vllm-cpu
+
+.PHONY: install demo test bench render-examples clean check-gpu-pins test-gpu-pins test-vllm
 
 install: $(STAMP)
 
@@ -42,6 +45,14 @@ $(GPU_PINS_VENV)/.installed: pyproject.toml constraints.txt constraints-gpu.txt
 test-gpu-pins: $(GPU_PINS_VENV)/.installed
 	$(GPU_PINS_BIN)/python -c "import transformers; print('transformers', transformers.__version__)"
 	$(GPU_PINS_BIN)/python -m pytest -q -m "not slow" $(GPU_PINS_TESTS)
+
+$(VLLM_CPU)/.installed: constraints-gpu.txt tests/vllm/requirements-cpu.txt $(GPU_PINS_VENV)/.installed
+	$(GPU_PINS_BIN)/pip install --progress-bar off -q --no-deps --upgrade --target $(VLLM_CPU) \
+		-c constraints-gpu.txt vllm -r tests/vllm/requirements-cpu.txt
+	touch $@
+
+test-vllm: $(VLLM_CPU)/.installed
+	PYTHONPATH=$(CURDIR)/$(VLLM_CPU) $(GPU_PINS_BIN)/python -m pytest -q -p no:cacheprovider tests/vllm
 
 demo: install
 	$(BIN)/gemma-unified demo
