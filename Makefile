@@ -4,7 +4,17 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench render-examples clean
+# The GPU set (constraints-gpu.txt): vLLM with the torch and transformers it requires.
+GPU_PINS_VENV := .venv-gpu-pins
+GPU_PINS_BIN  := $(GPU_PINS_VENV)/bin
+# Tests of the code paths that depend on transformers' version (tokenizer, chat template, processors, tiny model,
+# MTP fix), run again under the GPU set's transformers.
+GPU_PINS_TESTS := tests/test_prompts.py tests/test_models.py tests/media tests/engines
+
+# vLLM's Python code (no CUDA wheel) beside the GPU set's transformers: its input processing runs on CPU.
+VLLM_CPU := $(GPU_PINS_VENV)/vllm-cpu
+
+.PHONY: install demo test bench render-examples clean check-gpu-pins test-gpu-pins test-vllm
 
 install: $(STAMP)
 
@@ -13,6 +23,36 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --progress-bar off -q --upgrade pip
 	$(BIN)/pip install --progress-bar off -q -c constraints.txt -e ".[test]"
 	touch $(STAMP)
+
+# The GPU set still resolves, as the README's GPU install line states it (pip's resolver only, nothing installed).
+check-gpu-pins: install
+	$(BIN)/pip install --dry-run --ignore-installed --quiet --progress-bar off --report $(VENV)/gpu-resolve.json \
+		-c constraints-gpu.txt ".[vllm]"
+	$(BIN)/python -c "import json; got = {p['metadata']['name']: p['metadata']['version'] for p in \
+		json.load(open('$(VENV)/gpu-resolve.json'))['install']}; print('GPU set resolves:', \
+		', '.join(f'{n} {got[n]}' for n in ('vllm', 'torch', 'transformers')))"
+
+# A second venv: constraints.txt's torch (on local disk; vLLM's exact torch is a multi-GB CUDA download that these
+# CPU tests do not need), constraints-gpu.txt's transformers and tokenizers.
+$(GPU_PINS_VENV)/.installed: pyproject.toml constraints.txt constraints-gpu.txt
+	test -x $(GPU_PINS_BIN)/python || $(PYTHON) -m venv $(GPU_PINS_VENV)
+	$(GPU_PINS_BIN)/pip install --progress-bar off -q --upgrade pip
+	grep -E '^(transformers|tokenizers)==' constraints-gpu.txt > $(GPU_PINS_VENV)/constraints.txt
+	grep -vE '^(transformers|tokenizers)==' constraints.txt >> $(GPU_PINS_VENV)/constraints.txt
+	$(GPU_PINS_BIN)/pip install --progress-bar off -q -c $(GPU_PINS_VENV)/constraints.txt -e ".[test]"
+	touch $@
+
+test-gpu-pins: $(GPU_PINS_VENV)/.installed
+	$(GPU_PINS_BIN)/python -c "import transformers; print('transformers', transformers.__version__)"
+	$(GPU_PINS_BIN)/python -m pytest -q -m "not slow" $(GPU_PINS_TESTS)
+
+$(VLLM_CPU)/.installed: constraints-gpu.txt tests/vllm/requirements-cpu.txt $(GPU_PINS_VENV)/.installed
+	$(GPU_PINS_BIN)/pip install --progress-bar off -q --no-deps --upgrade --target $(VLLM_CPU) \
+		-c constraints-gpu.txt vllm -r tests/vllm/requirements-cpu.txt
+	touch $@
+
+test-vllm: $(VLLM_CPU)/.installed
+	PYTHONPATH=$(CURDIR)/$(VLLM_CPU) $(GPU_PINS_BIN)/python -m pytest -q -p no:cacheprovider tests/vllm
 
 demo: install
 	$(BIN)/gemma-unified demo
@@ -30,4 +70,4 @@ render-examples: install
 		--schedules infra/examples/schedules.yaml --cluster infra/examples/cluster.yaml --out infra
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(GPU_PINS_VENV) .pytest_cache .hypothesis

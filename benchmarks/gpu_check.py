@@ -11,9 +11,16 @@ single-stream greedy decode (128 tokens, a plain cached loop) and compares decod
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
-import time
+
+# Put the repo root, not this folder, first on the path: a benchmark module here may shadow a standard library
+# module (tokenize.py did, and `import torch` imports tokenize), and `pipelines` must be importable.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path[0] = os.path.dirname(sys.path[0])
+
+import argparse  # noqa: E402
+import time  # noqa: E402
 
 STARTED = time.perf_counter()
 TIME_BUDGET_S = 8 * 60

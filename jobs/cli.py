@@ -153,12 +153,14 @@ def demo(
 
 
 from jobs.cluster_cli import jobs_app, submit  # noqa: E402  (sub-commands live beside their logic)
+from jobs.plan_cli import plan_command  # noqa: E402
 from jobs.render_cli import render_k8s  # noqa: E402
 from jobs.schedule_cli import schedule_app  # noqa: E402
 from jobs.show import show  # noqa: E402
 from serving.cli import serve_command  # noqa: E402
 
 app.command("serve")(serve_command)
+app.command("plan")(plan_command)
 app.command("render-k8s")(render_k8s)
 app.command()(submit)
 app.command()(show)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipelines.media.image import DEFAULT_MAX_PIXELS, DEFAULT_SOFT_TOKENS, SUPPORTED_SOFT_TOKENS
 
@@ -22,6 +22,10 @@ PRESETS: dict[str, tuple[str, str | None]] = {
     "gemma-4-12b": ("google/gemma-4-12B", None),
     "gemma-4-12b-it-qat": ("google/gemma-4-12B-it-qat-w4a16-ct", "google/gemma-4-12B-it-assistant"),
 }
+
+
+# Quantization choices vLLM cannot load (vLLM 0.30-0.33 reject "bitsandbytes" as an unknown method for this model).
+VLLM_REFUSED_QUANTIZATION = ("bnb-8bit", "bnb-4bit")
 
 
 class ModelSpec(Strict):
@@ -55,15 +59,31 @@ class EngineSpec(Strict):
     quantization: Literal["none", "fp8", "bnb-8bit", "bnb-4bit", "compressed-tensors"] = Field(
         "none",
         description="Weight quantization so the 12B fits a 16 GB card: fp8 (vllm, or transformers on compute "
-        "capability >= 8.9), bnb-8bit / bnb-4bit (transformers with bitsandbytes), compressed-tensors (the QAT "
-        "w4a16 checkpoint, vllm).",
+        "capability >= 8.9), bnb-8bit / bnb-4bit (transformers with bitsandbytes only: vLLM has no bitsandbytes "
+        "route for this model), compressed-tensors (the QAT w4a16 checkpoint, vllm).",
     )
     speculative: bool = Field(True, description="Use the MTP assistant when the model has one.")
-    num_speculative_tokens: int = Field(4, ge=1, le=16, description="Draft length for speculative decoding.")
+    num_speculative_tokens: int = Field(
+        3,
+        ge=1,
+        le=16,
+        description="Draft length: the assistant drafts one token per forward pass, chained, and later drafts are "
+        "accepted less often (see pipelines/engines/vllm_inputs.py).",
+    )
     max_batch_size: int = Field(8, ge=1, le=1024, description="Requests per forward pass (transformers engine).")
     max_model_len: int = Field(8192, ge=256, le=262_144, description="Prompt plus output tokens per request.")
     gpu_memory_utilization: float = Field(0.90, gt=0.1, le=0.99, description="vLLM's share of GPU memory.")
     max_images_per_prompt: int = Field(8, ge=0, le=64, description="vLLM limit_mm_per_prompt for images.")
+
+    @model_validator(mode="after")
+    def _engine_supports_quantization(self) -> "EngineSpec":
+        if self.kind == "vllm" and self.quantization in VLLM_REFUSED_QUANTIZATION:
+            raise ValueError(
+                f"quantization={self.quantization} runs on the transformers engine only (vLLM has no bitsandbytes "
+                "quantization for this model); with kind=vllm use fp8, or compressed-tensors with the QAT "
+                "checkpoint (model gemma-4-12b-it-qat)"
+            )
+        return self
 
 
 class MediaSpec(Strict):

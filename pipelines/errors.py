@@ -47,6 +47,16 @@ class InvalidRequest(ItemError):
     """The request's own fields are wrong (unknown task, bad budget, missing question)."""
 
 
+class GenerationFailed(ItemError):
+    """The engine failed this request itself (vLLM's retryable internal error, still failing after a retry).
+
+    Not the input's fault: a server error online (5xx), an error row in batch jobs.
+    """
+
+    http_status = 502
+    code = "model_error"
+
+
 class ModelSourceError(GemmaUnifiedError):
     """A model cannot be resolved or loaded (missing files, unreachable storage)."""
 

@@ -52,9 +52,11 @@ def _build_once(directory: Path, build) -> Path:
 
 def tiny_dir(seed: int = 0) -> Path:
     """The tiny model's directory (processor, weights, assistant/), built on first use."""
-    from pipelines.engines.tiny import build_tiny_model
+    from pipelines.engines.tiny import TINY_REVISION, build_tiny_model
 
-    return _build_once(cache_root() / f"tiny-seed{seed}", lambda d: build_tiny_model(d, seed=seed))
+    # The revision is in the name so that a cache built by an older release is not reused.
+    directory = cache_root() / f"tiny-r{TINY_REVISION}-seed{seed}"
+    return _build_once(directory, lambda d: build_tiny_model(d, seed=seed))
 
 
 TOKENIZER_FILES = ("tokenizer*", "*.jinja", "processor_config.json", "special_tokens_map.json", "config.json")

@@ -39,7 +39,7 @@ class ModelReply:
 
 def model_error(exc: BaseException) -> ModelError:
     if isinstance(exc, ItemError):
-        return ModelError(exc.http_status, str(exc), "invalid_request")
+        return ModelError(exc.http_status, str(exc), getattr(exc, "code", "invalid_request"))
     return ModelError(500, f"the model failed: {type(exc).__name__}: {exc}", "model_error")
 
 

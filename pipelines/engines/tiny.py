@@ -9,6 +9,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from pipelines.media.image import DEFAULT_SOFT_TOKENS
+
 # Gemma 4's special tokens. Ids are whatever the tiny vocabulary gives them; code reads ids from the tokenizer.
 NAMED_SPECIAL_TOKENS = {
     "image_token": "<|image|>",
@@ -125,6 +127,8 @@ TINY_ASSISTANT_TEXT = dict(
     layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
 )
 NUM_ASSISTANT_TOKENS = 4
+# Bumped whenever the files written here change (2: vision_config.num_soft_tokens).
+TINY_REVISION = 2
 
 
 def build_tiny_model(directory: str | Path, *, seed: int = 0) -> Path:
@@ -159,7 +163,10 @@ def build_tiny_model(directory: str | Path, *, seed: int = 0) -> Path:
     text = Gemma4UnifiedTextConfig(**TINY_TEXT, **ids)
     config = Gemma4UnifiedConfig(
         text_config=text,
-        vision_config=Gemma4UnifiedVisionConfig(mm_embed_dim=64, output_proj_dims=64),
+        # num_soft_tokens: the default image budget, as in the released config; vLLM's Gemma 4 processing reads it
+        # to size its multimodal budget (transformers itself does not).
+        vision_config=Gemma4UnifiedVisionConfig(mm_embed_dim=64, output_proj_dims=64,
+                                                num_soft_tokens=DEFAULT_SOFT_TOKENS),
         audio_config=Gemma4UnifiedAudioConfig(),
         image_token_id=tokenizer.image_token_id,
         boi_token_id=tokenizer.boi_token_id,

@@ -5,6 +5,9 @@ to vLLM's scheduler); `online=True` holds an `AsyncLLM` on a private event loop 
 `stream()` can be called from any thread or loop (the endpoint). Text is decoded from the token ids exactly as the
 transformers engine does (no thinking blocks, no special tokens).
 
+A completion that ends with finish_reason "error" (vLLM's retryable internal failure) is run once more; if it fails
+again it is a GenerationFailed (an error row in batch jobs, a 5xx online), never returned as text.
+
 Speculative decoding statistics: vLLM keeps draft/accept counts only as engine-wide counters
 (`vllm:spec_decode_num_draft_tokens`, `vllm:spec_decode_num_accepted_tokens`), not per request. A result carries
 them when they can be attributed to it (offline mode, a batch of one request); `speculation()` gives the totals.
@@ -13,6 +16,7 @@ them when they can be attributed to it (offline mode, a batch of one request); `
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import uuid
@@ -29,8 +33,10 @@ from pipelines.engines.vllm_inputs import (
     to_vllm_prompt,
     to_vllm_sampling_kwargs,
 )
-from pipelines.errors import ItemError, ModelSourceError
+from pipelines.errors import GenerationFailed, ItemError, ModelSourceError
 from pipelines.models import ResolvedModel
+
+log = logging.getLogger(__name__)
 
 _DRAFTED = "vllm:spec_decode_num_draft_tokens"
 _ACCEPTED = "vllm:spec_decode_num_accepted_tokens"
@@ -109,6 +115,13 @@ class VLLMEngine:
             before = self.speculation()
             started = time.perf_counter()
             outputs = self._llm.generate([p for p, _ in inputs], [s for _, s in inputs], use_tqdm=False)
+            failed = [i for i, output in enumerate(outputs) if _failed(output)]
+            if failed:
+                log.warning("vLLM failed %d of %d requests; running them once more", len(failed), len(requests))
+                again = self._llm.generate([inputs[i][0] for i in failed], [inputs[i][1] for i in failed],
+                                           use_tqdm=False)
+                for i, output in zip(failed, again):
+                    outputs[i] = output
             latency = time.perf_counter() - started
             after = self.speculation()
         # The counters are engine-wide: only a batch of one can own the difference.
@@ -118,9 +131,15 @@ class VLLMEngine:
         return [self._result(r, out, latency, spec) for r, out in zip(requests, outputs)]
 
     async def _final(self, prompt: dict, params, request_id: str):
-        started, last = time.perf_counter(), None
-        async for output in self._async.generate(prompt, params, f"{request_id}-{uuid.uuid4().hex[:8]}"):
-            last = output
+        started = time.perf_counter()
+        for attempt in range(2):
+            last = None
+            async for output in self._async.generate(prompt, params, f"{request_id}-{uuid.uuid4().hex[:8]}"):
+                last = output
+            if not _failed(last):
+                break
+            if attempt == 0:
+                log.warning("vLLM failed request %s; running it once more", request_id)
         return last, time.perf_counter() - started
 
     def _submit(self, coroutine):
@@ -131,6 +150,9 @@ class VLLMEngine:
         ids = list(completion.token_ids)
         if completion.finish_reason == "abort":
             raise ItemError("vLLM aborted the request", item=request.id, stage="generate")
+        if completion.finish_reason == "error":
+            raise GenerationFailed("vLLM failed this request twice (finish_reason 'error')", item=request.id,
+                                   stage="generate")
         finish = "length" if completion.finish_reason == "length" else "stop"
         # vLLM keeps the stop token in token_ids (an int stop_reason, or None for end of sequence);
         # as in the transformers engine it counts as output but is not part of the returned ids.
@@ -184,23 +206,34 @@ class VLLMEngine:
         from vllm.sampling_params import RequestOutputKind
 
         prompt, params = self._inputs(request, output_kind=RequestOutputKind.DELTA)
-        outputs = self._async.generate(prompt, params, f"{request.id}-{uuid.uuid4().hex[:8]}")
-        decoder = TextStream(self.tokenizer, request.sampling.stop)
-        finished = False
-        try:
-            while not finished:
-                output = await asyncio.wrap_future(self._submit(_next(outputs)))
-                if output is None:
-                    break
-                finished = output.finished
-                delta = decoder.push(output.outputs[0].token_ids, final=finished)
-                if delta:
-                    yield delta
-                if decoder.stopped:
-                    break
-        finally:
-            # Closing the generator on its own loop aborts the request in vLLM if it is still running.
-            await asyncio.wrap_future(self._submit(_close(outputs)))
+        for attempt in range(2):
+            outputs = self._async.generate(prompt, params, f"{request.id}-{uuid.uuid4().hex[:8]}")
+            decoder = TextStream(self.tokenizer, request.sampling.stop)
+            sent = retry = False
+            try:
+                while True:
+                    output = await asyncio.wrap_future(self._submit(_next(outputs)))
+                    if output is None:
+                        break
+                    if _failed(output):
+                        # Nothing sent yet: run it once more; otherwise the client already has part of a text.
+                        if attempt == 0 and not sent:
+                            log.warning("vLLM failed request %s; running it once more", request.id)
+                            retry = True
+                            break
+                        raise GenerationFailed("vLLM failed this request (finish_reason 'error')",
+                                               item=request.id, stage="generate")
+                    delta = decoder.push(output.outputs[0].token_ids, final=output.finished)
+                    if delta:
+                        sent = True
+                        yield delta
+                    if output.finished or decoder.stopped:
+                        break
+            finally:
+                # Closing the generator on its own loop aborts the request in vLLM if it is still running.
+                await asyncio.wrap_future(self._submit(_close(outputs)))
+            if not retry:
+                return
 
     # ---- lifecycle ----
 
@@ -222,6 +255,10 @@ class VLLMEngine:
             if engine_core is not None and hasattr(engine_core, "shutdown"):
                 engine_core.shutdown()
             self._llm = None
+
+
+def _failed(output) -> bool:
+    return output is not None and output.outputs[0].finish_reason == "error"
 
 
 async def _close(outputs) -> None:

@@ -287,13 +287,28 @@ def to_vllm_sampling_kwargs(sampling: SamplingParams, stop_ids: list[int] | None
 
 # ---- engine ----
 
+# EngineSpec.quantization -> vLLM's `quantization` argument (names of vLLM 0.33, vllm/config/quantization.py).
+# bnb-* never reach here: EngineSpec refuses them with kind=vllm.
 _QUANTIZATION = {
     "none": None,
-    "fp8": "fp8",  # online FP8 weight quantization of a bf16 checkpoint
+    # Online FP8 of a bf16 checkpoint. Plain "fp8" now means an FP8-serialized checkpoint only: vLLM 0.33's
+    # Fp8Config raises for online use and names fp8_per_tensor as the replacement.
+    "fp8": "fp8_per_tensor",
     "compressed-tensors": None,  # vLLM reads the method from the checkpoint's quantization_config
-    "bnb-8bit": "bitsandbytes",  # vLLM's in-flight bitsandbytes quantization is 4-bit either way
-    "bnb-4bit": "bitsandbytes",
 }
+
+# The Gemma 4 assistant is a one-step drafter (vLLM sets n_predict=1 for gemma4_mtp). Both vLLM
+# (v1/spec_decode/gemma4.py, Gemma4Proposer) and transformers (Gemma4AssistantCandidateGenerator.get_candidates)
+# draft k tokens by running the whole assistant k times, feeding back its own hidden state and argmax token at the
+# same position, with no KV of the drafts: draft i sees drafts < i only through that hidden state, so acceptance
+# falls with position. EngineSpec.num_speculative_tokens' default (3) follows from that, see the field.
+SPECULATIVE_METHOD = "mtp"
+
+
+def vllm_quantization(quantization: str) -> str | None:
+    if quantization not in _QUANTIZATION:
+        raise ValueError(f"quantization={quantization} has no vLLM equivalent; use the transformers engine")
+    return _QUANTIZATION[quantization]
 
 
 def engine_kwargs(
@@ -308,7 +323,7 @@ def engine_kwargs(
         "model": str(model_dir),
         "tokenizer": str(model_dir),
         "dtype": engine.dtype,
-        "quantization": _QUANTIZATION[engine.quantization],
+        "quantization": vllm_quantization(engine.quantization),
         "max_model_len": engine.max_model_len,
         "gpu_memory_utilization": engine.gpu_memory_utilization,
         # One audio per request (see audio_for_vllm); no video: its 32-frame profiling reserves memory for nothing.
@@ -320,6 +335,7 @@ def engine_kwargs(
         kwargs["mm_processor_kwargs"] = {"max_soft_tokens": max_soft_tokens}
     if engine.speculative and assistant_dir is not None:
         kwargs["speculative_config"] = {
+            "method": SPECULATIVE_METHOD,  # named, not guessed by vLLM from the drafter's path
             "model": str(assistant_dir),
             "num_speculative_tokens": engine.num_speculative_tokens,
         }

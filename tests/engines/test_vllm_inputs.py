@@ -355,11 +355,25 @@ def test_stop_tokens_are_end_of_sequence_and_end_of_turn(tokenizer):
 
 @pytest.mark.parametrize(
     "quantization,expected",
-    [("none", None), ("fp8", "fp8"), ("compressed-tensors", None), ("bnb-4bit", "bitsandbytes"), ("bnb-8bit", "bitsandbytes")],
+    [("none", None), ("fp8", "fp8_per_tensor"), ("compressed-tensors", None)],
 )
 def test_engine_kwargs_quantization(quantization, expected):
     kwargs = engine_kwargs(EngineSpec(kind="vllm", quantization=quantization), "/m", None)
     assert kwargs["quantization"] == expected
+
+
+@pytest.mark.parametrize("quantization", ["bnb-4bit", "bnb-8bit"])
+def test_vllm_with_bitsandbytes_is_refused_by_the_spec(quantization):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as caught:
+        EngineSpec(kind="vllm", quantization=quantization)
+    message = str(caught.value)
+    assert f"quantization={quantization} runs on the transformers engine only" in message
+    assert "use fp8, or compressed-tensors" in message
+    assert EngineSpec(kind="transformers", quantization=quantization).quantization == quantization
+    with pytest.raises(ValueError, match="no vLLM equivalent"):
+        engine_kwargs(EngineSpec(kind="transformers", quantization=quantization), "/m", None)
 
 
 def test_engine_kwargs():
@@ -376,7 +390,7 @@ def test_engine_kwargs():
         "limit_mm_per_prompt": {"image": 3, "audio": 1, "video": 0},
         "trust_remote_code": False,
         "mm_processor_kwargs": {"max_soft_tokens": 560},
-        "speculative_config": {"model": "/models/g/assistant", "num_speculative_tokens": 6},
+        "speculative_config": {"method": "mtp", "model": "/models/g/assistant", "num_speculative_tokens": 6},
         "disable_log_stats": False,
     }
     plain = engine_kwargs(spec, "/models/g", None)
@@ -417,144 +431,6 @@ def test_stream_stops_at_a_stop_string_without_leaking_it(tokenizer):
         if stream.stopped:
             break
     assert stream.stopped and text == "A photo of a mountain "
-
-
-# ---- the engine ----
-
-
-def test_engine_without_vllm_names_the_extra(monkeypatch, tiny_model):
-    from pipelines.engines.vllm import VLLMEngine
-
-    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError, installed or not
-    with pytest.raises(ModelSourceError) as caught:
-        VLLMEngine(tiny_model, EngineSpec(kind="vllm"))
-    assert str(caught.value) == VLLM_EXTRA
-    assert "gemma-unified[vllm]" in VLLM_EXTRA
-
-
-class _FakeLLM:
-    """Stands in for vllm.LLM: echoes a fixed completion and counts speculative tokens like vLLM's metrics."""
-
-    def __init__(self, **kwargs) -> None:
-        self.kwargs = kwargs
-        self.drafted = self.accepted = 0
-        self.completion: tuple[list[int], str, object] = ([], "stop", None)
-
-    def generate(self, prompts, params, use_tqdm=True):
-        from types import SimpleNamespace
-
-        ids, finish, stop_reason = self.completion
-        self.drafted, self.accepted = self.drafted + 8 * len(prompts), self.accepted + 5 * len(prompts)
-        self.seen = list(zip(prompts, params))
-        completion = SimpleNamespace(token_ids=ids, finish_reason=finish, stop_reason=stop_reason)
-        return [SimpleNamespace(prompt_token_ids=None, outputs=[completion]) for _ in prompts]
-
-    def get_metrics(self):
-        from types import SimpleNamespace
-
-        return [
-            SimpleNamespace(name="vllm:spec_decode_num_draft_tokens", value=self.drafted),
-            SimpleNamespace(name="vllm:spec_decode_num_accepted_tokens", value=self.accepted),
-            SimpleNamespace(name="vllm:spec_decode_num_drafts", value=1),
-        ]
-
-
-@pytest.fixture()
-def fake_engine(monkeypatch, tiny_model):
-    import types
-
-    from pipelines.engines.vllm import VLLMEngine
-
-    fake = types.ModuleType("vllm")
-    fake.LLM = _FakeLLM
-    fake.SamplingParams = lambda **kwargs: kwargs
-    monkeypatch.setitem(sys.modules, "vllm", fake)
-    return VLLMEngine(tiny_model, EngineSpec(kind="vllm", max_model_len=4096))
-
-
-def test_engine_maps_vllm_outputs_to_results(fake_engine, png_bytes):
-    tokenizer = fake_engine.tokenizer
-    assert fake_engine._llm.kwargs["speculative_config"]["num_speculative_tokens"] == 4
-    (request,) = prepare_item(
-        png_bytes, item_id="img", name="i.png", tokenizer=tokenizer, options=TaskOptions(task=Task.caption)
-    ).requests
-    answer = _ids(tokenizer, "<|channel>thought\nhmm<channel|>A cat sits on a red mat.")
-    end_of_turn = tokenizer.convert_tokens_to_ids("<turn|>")
-    fake_engine._llm.completion = (answer + [end_of_turn], "stop", None)
-    (result,) = fake_engine.generate([request])
-    (prompt, params), = fake_engine._llm.seen
-    assert prompt["prompt_token_ids"].count(tokenizer.image_token_id) == 1
-    assert params["stop_token_ids"] == stop_token_ids(tokenizer) and params["temperature"] == 0.0
-    assert result.text == "A cat sits on a red mat." and result.finish_reason == "stop"
-    assert result.output_token_ids == answer and result.output_tokens == len(answer) + 1
-    assert (result.prompt_tokens, result.image_tokens, result.audio_tokens) == (request.prompt_tokens, request.image_tokens, 0)
-    assert (result.spec_drafted, result.spec_accepted) == (8, 5)  # a batch of one owns the counter difference
-    assert fake_engine.speculation() == (8, 5)
-
-    fake_engine._llm.completion = (answer, "length", None)
-    results = fake_engine.generate([request, request])
-    assert [r.finish_reason for r in results] == ["length", "length"]
-    assert results[0].output_token_ids == answer and results[0].spec_drafted is None
-    assert fake_engine.speculation() == (24, 15)
-
-
-def test_engine_refuses_requests_over_max_model_len(fake_engine, tokenizer):
-    (request,) = prepare_item(
-        b"A note.", item_id="long", name="t.txt", tokenizer=tokenizer,
-        options=TaskOptions(task=Task.prompt, prompt="Hi"), sampling=SamplingParams(max_new_tokens=4090),
-    ).requests
-    with pytest.raises(InvalidRequest, match="max_model_len") as caught:
-        fake_engine.generate([request])
-    assert caught.value.item == "long"
-
-
-def test_offline_engine_streams_the_whole_text_once(fake_engine, tokenizer):
-    import asyncio
-
-    (request,) = prepare_item(
-        b"A note.", item_id="s", name="t.txt", tokenizer=tokenizer, options=TaskOptions(task=Task.prompt, prompt="Hi")
-    ).requests
-    fake_engine._llm.completion = (_ids(tokenizer, "The quick brown fox"), "length", None)
-
-    async def collect():
-        return [chunk async for chunk in fake_engine.stream(request)]
-
-    assert asyncio.run(collect()) == ["The quick brown fox"]
-    assert fake_engine.health()
-    fake_engine.close()
-    assert not fake_engine.health()
-
-
-def _vllm_and_cuda() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not _vllm_and_cuda(), reason="needs vllm and a CUDA GPU")
-def test_vllm_engine_runs_the_tiny_model(tmp_path):
-    """Smoke test on the random tiny checkpoint: the output is noise, the plumbing is what is checked."""
-    from pipelines.engines.tiny import build_tiny_model
-    from pipelines.engines.vllm import VLLMEngine
-    from pipelines.models import ResolvedModel
-
-    directory = build_tiny_model(tmp_path / "tiny")
-    model = ResolvedModel(name="tiny", path=directory, assistant_path=None)
-    engine = VLLMEngine(model, EngineSpec(kind="vllm", speculative=False, max_model_len=1024, gpu_memory_utilization=0.3))
-    try:
-        (request,) = prepare_item(
-            b"A note.", item_id="t", name="t.txt", tokenizer=engine.tokenizer,
-            options=TaskOptions(task=Task.prompt, prompt="Hi"), sampling=SamplingParams(max_new_tokens=8),
-        ).requests
-        (result,) = engine.generate([request])
-        assert result.id == "t" and result.finish_reason in ("stop", "length")
-        assert 0 < result.output_tokens <= 8 and result.prompt_tokens == request.prompt_tokens
-        assert engine.health()
-    finally:
-        engine.close()
 
 
 def test_penalties_and_logit_bias_reach_vllm_unchanged():

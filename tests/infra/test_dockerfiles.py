@@ -64,11 +64,17 @@ def _project_install(path) -> list[str]:
     return installs[0]
 
 
-@pytest.mark.parametrize("name, extras", [("Dockerfile.cpu", None), ("Dockerfile.gpu", "vllm")])
-def test_image_installs_the_project_like_make_install(name, extras):
+@pytest.mark.parametrize(
+    "name, extras, constraints",
+    [("Dockerfile.cpu", None, "constraints.txt"), ("Dockerfile.gpu", "vllm", "constraints-gpu.txt")],
+)
+def test_image_installs_the_project_like_make_install(name, extras, constraints):
     path = DOCKER / name
     install = _project_install(path)
-    assert _essentials(install) == _essentials(_makefile_install())
+    make_constraints, make_package = _essentials(_makefile_install())
+    assert make_constraints == ["-c constraints.txt"]
+    # The GPU set differs only in its constraints file: vLLM pins its own torch and transformers.
+    assert _essentials(install) == ([f"-c {constraints}"], make_package)
     assert "-e" not in install, "images install the package, not an editable checkout"
     package = install[-1]
     assert package == (f".[{extras}]" if extras else "."), package
@@ -126,3 +132,10 @@ def test_dockerignore_keeps_the_context_small_but_complete():
     assert not needed & ignored
     packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
     assert not {p.rstrip("*") for p in packages} & ignored
+
+
+def test_readme_gpu_install_line_is_the_gpu_image_s():
+    install = _project_install(DOCKER / "Dockerfile.gpu")
+    line = "pip install " + " ".join(shlex.quote(a) for a in install)
+    assert line == "pip install -c constraints-gpu.txt '.[vllm]'"
+    assert f"\n  {line}\n" in (REPO / "README.md").read_text()

@@ -78,12 +78,22 @@ def test_palette_png_matches_transformers(reference):
     assert_matches_reference(reference, data, Image.open(io.BytesIO(data)), 280)
 
 
+# transformers before 5.23 (constraints-gpu.txt's 5.20) converts images with transparency to RGB without compositing
+# on white; ours follows 5.23. vLLM never sees the difference: it gets our already composited RGB image.
+_COMPOSITES_ON_WHITE = pytest.mark.skipif(
+    tuple(int(p) for p in __import__("transformers").__version__.split(".")[:2]) < (5, 23),
+    reason="this transformers does not composite transparency on white",
+)
+
+
+@_COMPOSITES_ON_WHITE
 def test_palette_gif_with_transparency_matches_transformers(reference):
     image = Image.fromarray(_photo(200, 320)).convert("P", palette=Image.Palette.ADAPTIVE, colors=32)
     data = _encode(image, "GIF", transparency=0)
     assert_matches_reference(reference, data, Image.open(io.BytesIO(data)), 280)
 
 
+@_COMPOSITES_ON_WHITE
 def test_alpha_is_composited_on_white_like_transformers(reference):
     rgba = np.dstack([_photo(256, 384), np.tile(np.linspace(0, 255, 384, dtype=np.uint8), (256, 1))])
     data = _encode(Image.fromarray(rgba, "RGBA"), "PNG")
