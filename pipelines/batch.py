@@ -6,6 +6,7 @@ import logging
 import os
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -178,25 +179,29 @@ def build(job: JobSpec, dataset, done_ref, generate_stage=None):
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     prepare_compute = ray.data.TaskPoolStrategy(size=resources.prepare_concurrency) if resources.prepare_concurrency else None
-    # Remote args given as a function keep Ray from fusing Prepare into the model actors: tokenization runs in
-    # its own CPU tasks and overlaps with generation.
+    # Prepare's remote args keep Ray from fusing it into the model actors (see Prepare.remote_args): tokenization
+    # runs in its own CPU tasks and overlaps with generation.
     # Small input blocks let many CPU tasks prepare in parallel and hand units to the model as they are ready.
     dataset = dataset.repartition(target_num_rows_per_block=resources.items_per_prepare_task)
     prepared = dataset.map_batches(
-        Prepare(job, done_ref), batch_size=None, compute=prepare_compute, ray_remote_args_fn=lambda: {"num_cpus": 1}
+        Prepare(job, done_ref), batch_size=None, compute=prepare_compute, **Prepare.remote_args
     )
     # A fatal engine error ends the actor's process: Ray Data starts a replacement (up to max_replica_restarts) and
     # retries the batches that were in flight on it (its default max_task_retries is -1 while restarts are allowed).
-    generated = prepared.map_batches(
-        generate_stage or Generate,
-        fn_constructor_args=(job,),
-        max_restarts=resources.max_replica_restarts,  # a Ray remote arg: Ray 2.60 has no named parameter for it
-        batch_size=resources.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=resources.replicas),
-        num_gpus=gpus,
-        num_cpus=resources.cpus_per_replica,
-        resources=resources.replica_resources or None,
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 sets an actor's max_restarts only through map_batches' extra remote args, which it reports as
+        # deprecated (removed in 2.64: pyproject.toml bounds Ray below it).
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+        generated = prepared.map_batches(
+            generate_stage or Generate,
+            fn_constructor_args=(job,),
+            max_restarts=resources.max_replica_restarts,  # a Ray remote arg: Ray 2.60 has no named parameter for it
+            batch_size=resources.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=resources.replicas),
+            num_gpus=gpus,
+            num_cpus=resources.cpus_per_replica,
+            resources=resources.replica_resources or None,
+        )
     return generated.map_batches(
         Write(job.output.url, job.output.storage_options),
         batch_size=None,

@@ -295,3 +295,17 @@ def test_a_killed_driver_is_resumed_by_a_rerun(ray_cluster, tmp_path):
     assert_no_duplicates(results, [])
     assert len(results) == 30
     assert summary.run_succeeded == 30 - len(done_before)
+
+
+def test_tokenization_is_not_fused_into_the_model_actors(ray_cluster, tmp_path, capsys):
+    import ray.data
+
+    from pipelines.batch import build
+
+    spec = job(tmp_path, tmp_path / "out", CAPTION, resources={"cpus_per_replica": 1, "gpus_per_replica": 0})
+    listing = ray.data.from_items([{"id": "a", "uri": str(tmp_path / "a.png"), "kind": "image"}])
+    build(spec, listing, None).explain()
+    optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    operators = [line for line in optimized.splitlines() if "Prepare" in line or "Generate" in line]
+    assert len(operators) == 2, optimized  # Prepare in CPU tasks, Generate in the actor pool: two operators
+    assert "TaskPoolMapOperator" in next(line for line in operators if "Prepare" in line)

@@ -37,6 +37,8 @@ def _released(config):
 
 
 def needs_fix() -> bool:
+    if _applied:  # the probe below would meet the fixed property; it was needed when it was installed
+        return True
     import transformers
     from transformers import Gemma4UnifiedTextConfig
 

@@ -43,7 +43,10 @@ def pip_installs(path) -> list[list[str]]:
 
 
 def _makefile_install() -> list[str]:
-    for line in (REPO / "Makefile").read_text().splitlines():
+    recipe_lines = (REPO / "Makefile").read_text().replace("\\\n", " ").splitlines()  # continuations joined
+    for line in recipe_lines:
+        if line.lstrip().startswith("#"):
+            continue
         words = shlex.split(line.strip())
         if "install" in words and "-c" in words and "-e" in words:
             return words[words.index("install") + 1:]
