@@ -6,6 +6,15 @@ import os
 
 import pytest
 
+# Tests that use one of these start Ray or a server: they belong to the full tier only (`make test-fast` skips them).
+SERVER_FIXTURES = frozenset({"ray_cluster", "s3_server", "s3_env", "media_server"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
