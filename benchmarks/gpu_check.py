@@ -494,7 +494,13 @@ def section_speculation(table: Table, engine, pairs: list) -> None:
         accepted += result.spec_accepted or 0
         plain_tokens, plain_s = plain_tokens + plain.output_tokens, plain_s + plain.latency_s
         spec_tokens, spec_s = spec_tokens + result.output_tokens, spec_s + result.latency_s
-        table.add("speculation", f"{request.id} prompt", f"{'identical' if same else 'DIFFERENT'} greedy output; "
+        if same:
+            verdict = "identical"
+        else:
+            on, off = result.output_token_ids, plain.output_token_ids
+            first = next((i for i, (x, y) in enumerate(zip(on, off)) if x != y), min(len(on), len(off)))
+            verdict = f"DIFFERENT from token {first}"
+        table.add("speculation", f"{request.id} prompt", f"{verdict} greedy output; "
                   f"drafted {result.spec_drafted}, accepted {result.spec_accepted}; "
                   f"{result.output_tokens / result.latency_s:.1f} tok/s on vs "
                   f"{plain.output_tokens / plain.latency_s:.1f} off")
