@@ -106,3 +106,14 @@ def test_a_missing_package_fails_early_with_one_line(monkeypatch, capsys):
     assert gpu_check.main(["--dry-run"]) == 2
     out = capsys.readouterr().out.strip().splitlines()
     assert out == ["gpu_check: missing Python packages: no-such-dist (README, 'GPU check', brings them)"]
+
+
+def test_out_of_time_sections_are_skipped_with_a_note_and_the_table_still_prints():
+    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--time-budget", "1"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = table(result.stdout)
+    for row in [("bf16", "prefill, 1 x 64 tokens"), ("bf16", "decode, batch 1"), ("bf16", "decode, batch 32"),
+                ("fp8", "engine, image and audio prompts"), ("speculation", "on vs off")]:
+        assert rows[row] == "skipped: time", result.stdout
+    assert rows[("setup", "total time")].endswith("(budget 1 s)")
