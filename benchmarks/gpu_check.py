@@ -323,7 +323,7 @@ def section_bf16(table: Table, model, device, settings: dict, gbps: float | None
         log(f"bf16 decode: batch {batch}: {tps:,.1f} tokens/s over {done} steps")
         value = f"{tps:,.1f} tok/s ({1000 * batch / tps:.1f} ms/step, {done} steps)"
         if bound:
-            value += f"; bound {bound:,.0f} tok/s (weights + {kv / 1e6:.0f} MB KV per step), {tps / bound:.0%} of it"
+            value += f"; bound {bound:,.0f} tok/s (weights + {kv / 1e6:.1f} MB KV per step), {tps / bound:.0%} of it"
         table.add("bf16", metric, value)
     if device.type == "cuda":
         table.add("bf16", "peak GPU memory", f"{torch.cuda.max_memory_allocated(device) / GIB:.1f} GiB")
