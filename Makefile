@@ -14,7 +14,7 @@ GPU_PINS_TESTS := tests/test_prompts.py tests/test_models.py tests/media tests/e
 # vLLM's Python code (no CUDA wheel) beside the GPU set's transformers: its input processing runs on CPU.
 VLLM_CPU := $(GPU_PINS_VENV)/vllm-cpu
 
-.PHONY: install demo test test-fast bench render-examples clean check-gpu-pins test-gpu-pins test-vllm
+.PHONY: install demo test test-fast lint bench render-examples clean check-gpu-pins test-gpu-pins test-vllm
 
 install: $(STAMP)
 
@@ -59,6 +59,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # The fast tier: no Ray, no servers (stages on plain batches, media, prompts, engines, specs, the CLI's parsing).
 test-fast: install
