@@ -10,7 +10,7 @@ from infra_paths import RENDER_ARGS
 
 @pytest.fixture(scope="session")
 def rendered() -> dict[str, str]:
-    from jobs.render_cli import render_files
+    from jobs.cli.deploy import render_files
 
     return render_files(**RENDER_ARGS)
 
@@ -29,7 +29,7 @@ def manifests(rendered) -> dict[str, dict]:
 
 @pytest.fixture(scope="session")
 def cluster():
-    from jobs.render import load_cluster
+    from jobs.deploy.cluster import load_cluster
 
     return load_cluster(RENDER_ARGS["cluster_file"])
 

@@ -63,7 +63,8 @@ def _limits(group: dict) -> dict:
 
 
 def test_rayservice_serve_config_is_the_specs(manifests, serve_spec):
-    from jobs.render import cluster_serve_spec, serve_config
+    from jobs.deploy.serve_config import serve_config
+    from jobs.deploy.specs import cluster_serve_spec
 
     config = yaml.safe_load(manifests["RayService"]["spec"]["serveConfigV2"])
     assert config == serve_config(serve_spec)
@@ -133,7 +134,7 @@ def _constraint(package: str) -> str:
 
 
 def test_rayjob_runs_the_submitted_spec_on_a_cluster_sized_by_its_resources(manifests, job_spec, cluster):
-    from jobs.render import cluster_job_spec
+    from jobs.deploy.specs import cluster_job_spec
     from jobs.submit import ENTRYPOINT, SPEC_ENV, runtime_env
     from pipelines.config import JobSpec
 
@@ -152,7 +153,8 @@ def test_rayjob_runs_the_submitted_spec_on_a_cluster_sized_by_its_resources(mani
 
 
 def test_scheduler_reads_the_schedules_with_runs_on_the_batch_cluster(manifests, tmp_path, cluster):
-    from jobs.render import batch_dashboard_url, cluster_job_spec
+    from jobs.deploy.kuberay import batch_dashboard_url
+    from jobs.deploy.specs import cluster_job_spec
     from jobs.schedules import load_schedules
 
     from infra_paths import RENDER_ARGS
@@ -220,7 +222,7 @@ def test_gpu_pods_run_the_gpu_image_and_cpu_pods_the_cpu_image(manifests, cluste
 
 
 def test_no_credentials_from_the_rendering_machine_leak(monkeypatch, serve_spec, job_spec, cluster):
-    from jobs.render import ray_job, ray_service
+    from jobs.deploy.kuberay import ray_job, ray_service
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-ship-me")
     monkeypatch.setenv("HF_TOKEN", "do-not-ship-me-either")
