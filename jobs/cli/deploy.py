@@ -26,7 +26,7 @@ def render_files(
     from jobs.deploy.cluster import RenderError, load_cluster
     from jobs.deploy.files import render
     from jobs.schedules import load_schedules
-    from jobs.spec import load_job
+    from jobs.job_files import load_job
     from serving.spec import load_spec
 
     if not (serve_file or job_files or schedules_file):

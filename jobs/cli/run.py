@@ -46,7 +46,7 @@ def run(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show Ray Data progress bars."),
 ) -> None:
     """Run (or resume) a batch job: media in, Parquet results out."""
-    from jobs.spec import load_job
+    from jobs.job_files import load_job
     from pipelines.batch import run as run_job
 
     storage = parse_storage_options(storage_option) or None

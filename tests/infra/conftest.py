@@ -43,6 +43,6 @@ def serve_spec():
 
 @pytest.fixture(scope="session")
 def job_spec():
-    from jobs.spec import load_job
+    from jobs.job_files import load_job
 
     return load_job(RENDER_ARGS["job_files"][0])

@@ -9,7 +9,7 @@ from jobs.deploy.kuberay import ray_service
 from jobs.deploy.serve_config import serve_config
 from jobs.deploy.sizing import batch_groups, job_groups, per_pod, serve_groups, vm_groups
 from jobs.deploy.specs import cluster_job_spec, cluster_serve_spec
-from jobs.spec import build_job
+from jobs.job_files import build_job
 from serving.spec import build_spec
 
 JOB = {"input": {"url": "s3://in/"}, "output": {"url": "s3://out/"}}

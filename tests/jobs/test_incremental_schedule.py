@@ -13,7 +13,7 @@ from jobs.runners import LocalRunner
 from jobs.demo.samples import make_samples
 from jobs.scheduler import Scheduler
 from jobs.schedules import Schedule, ScheduleEntry
-from jobs.spec import build_job
+from jobs.job_files import build_job
 from pipelines.sinks import ERRORS, RESULTS, OutputDir
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from jobs.cli.cluster import jobs_app, submit
-from jobs.spec import build_job
+from jobs.job_files import build_job
 from jobs.submit import ENTRYPOINT, SPEC_ENV, runtime_env
 
 JOB = {"input": {"url": "/data/in"}, "output": {"url": "/data/out"},
