@@ -22,6 +22,8 @@ AUTOSCALER_METRICS_PORT = 44217
 DASHBOARD_METRICS_PORT = 44227
 
 
+# ---- pod templates ----
+
 def _labels(cluster: ClusterSpec, component: str) -> dict:
     return {"app.kubernetes.io/name": cluster.name, "app.kubernetes.io/component": component}
 
