@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from jobs.spec import SpecError, build_job, load_yaml
+from jobs.job_files import SpecError, build_job, load_yaml
 from pipelines.config import JobSpec
 
 DEFAULT_STATE = ".gemma-unified/schedules.db"

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from jobs.samples import document, make_images, speech
+from jobs.demo.samples import document, make_images, speech
 from pipelines.batch import run
 from pipelines.config import InputSpec, JobSpec, MediaSpec, OutputSpec, ResourcesSpec, TaskSpec
 from pipelines.errors import StorageError

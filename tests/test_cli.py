@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from jobs.cli import app
-from jobs.samples import make_samples
+from jobs.demo.samples import make_samples
 
 runner = CliRunner()
 

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from jobs.cli import app
-from jobs.samples import make_images
+from jobs.demo.samples import make_images
 
 pytestmark = pytest.mark.slow
 

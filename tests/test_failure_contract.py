@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.samples import make_images
+from jobs.demo.samples import make_images
 
 ROOT = Path(__file__).parents[1]
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.samples import make_images
+from jobs.demo.samples import make_images
 from pipelines.batch import run
 from pipelines.config import InputSpec, JobSpec, OutputSpec, ResourcesSpec, TaskSpec
 

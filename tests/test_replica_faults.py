@@ -6,7 +6,7 @@ import pytest
 from fault_injection import OOM, faulty_generate
 from test_batch import CAPTION, assert_no_duplicates, ids, job, read
 
-from jobs.samples import make_images
+from jobs.demo.samples import make_images
 from pipelines.batch import run
 from pipelines.errors import FatalEngineError, is_fatal
 

@@ -10,7 +10,7 @@ from infra_paths import RENDER_ARGS
 
 @pytest.fixture(scope="session")
 def rendered() -> dict[str, str]:
-    from jobs.render_cli import render_files
+    from jobs.cli.deploy import render_files
 
     return render_files(**RENDER_ARGS)
 
@@ -29,7 +29,7 @@ def manifests(rendered) -> dict[str, dict]:
 
 @pytest.fixture(scope="session")
 def cluster():
-    from jobs.render import load_cluster
+    from jobs.deploy.cluster import load_cluster
 
     return load_cluster(RENDER_ARGS["cluster_file"])
 
@@ -43,6 +43,6 @@ def serve_spec():
 
 @pytest.fixture(scope="session")
 def job_spec():
-    from jobs.spec import load_job
+    from jobs.job_files import load_job
 
     return load_job(RENDER_ARGS["job_files"][0])

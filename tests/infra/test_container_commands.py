@@ -112,7 +112,7 @@ def test_vm_nodes_start_ray_with_options_ray_has(rendered):
 def test_vm_serve_config_deploys_with_rays_serve_cli(rendered):
     from ray.serve.scripts import cli as serve_cli
 
-    from jobs.render import VM_SERVE_CONFIG
+    from jobs.deploy.vm import VM_SERVE_CONFIG
 
     config = yaml.safe_load(rendered["vm/cluster.yaml"])
     assert config["file_mounts"][VM_SERVE_CONFIG] == "./serve-config.yaml"

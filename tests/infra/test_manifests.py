@@ -63,7 +63,8 @@ def _limits(group: dict) -> dict:
 
 
 def test_rayservice_serve_config_is_the_specs(manifests, serve_spec):
-    from jobs.render import cluster_serve_spec, serve_config
+    from jobs.deploy.serve_config import serve_config
+    from jobs.deploy.specs import cluster_serve_spec
 
     config = yaml.safe_load(manifests["RayService"]["spec"]["serveConfigV2"])
     assert config == serve_config(serve_spec)
@@ -105,6 +106,34 @@ def test_serve_config_is_what_rays_own_schema_accepts_and_what_the_app_builds(ma
         assert live.ray_actor_options["num_gpus"] == deployment["ray_actor_options"]["num_gpus"]
 
 
+@pytest.mark.parametrize("fields", [
+    {},
+    {"engine": {"device": "cpu"}, "resources": {"model": {"num_cpus": 2}, "ingress": {"num_cpus": 0.5}}},
+    {"autoscaling": {"model": {"min_replicas": 0, "max_replicas": 3, "initial_replicas": 2},
+                     "ingress": {"max_replicas": 6, "max_ongoing_requests": 64}},
+     "limits": {"max_queued_requests": 500, "retry_after_s": 3}, "resources": {"ingress": {"num_gpus": 0.25}}},
+])
+def test_rendered_deployments_are_the_options_build_app_sets(fields):
+    """The config's deployment entries, built from the spec on Serve's public schema, carry exactly the options
+    that `serving.app.build_app` sets on the deployments it binds for the same spec (less the runtime_env, which
+    pods take from the storage Secret)."""
+    from ray.serve._private.build_app import build_app as build_serve_app
+    from ray.serve.deployment import deployment_to_schema
+
+    from jobs.deploy.serve_config import deployments
+    from jobs.deploy.specs import cluster_serve_spec
+    from serving.app import build_app
+    from serving.spec import build_spec
+
+    spec = cluster_serve_spec(build_spec(fields))
+    built = []
+    for live in build_serve_app(build_app(spec), name=spec.app_name).deployments:
+        options = deployment_to_schema(live).model_dump(mode="json", exclude_unset=True)
+        options["ray_actor_options"].pop("runtime_env")
+        built.append(options)
+    assert deployments(spec) == built
+
+
 def test_rayservice_worker_groups_follow_the_deployments_replica_bounds(manifests, serve_spec, cluster):
     spec = manifests["RayService"]["spec"]["rayClusterConfig"]
     assert spec["enableInTreeAutoscaling"] is True
@@ -133,7 +162,7 @@ def _constraint(package: str) -> str:
 
 
 def test_rayjob_runs_the_submitted_spec_on_a_cluster_sized_by_its_resources(manifests, job_spec, cluster):
-    from jobs.render import cluster_job_spec
+    from jobs.deploy.specs import cluster_job_spec
     from jobs.submit import ENTRYPOINT, SPEC_ENV, runtime_env
     from pipelines.config import JobSpec
 
@@ -152,7 +181,8 @@ def test_rayjob_runs_the_submitted_spec_on_a_cluster_sized_by_its_resources(mani
 
 
 def test_scheduler_reads_the_schedules_with_runs_on_the_batch_cluster(manifests, tmp_path, cluster):
-    from jobs.render import batch_dashboard_url, cluster_job_spec
+    from jobs.deploy.kuberay import batch_dashboard_url
+    from jobs.deploy.specs import cluster_job_spec
     from jobs.schedules import load_schedules
 
     from infra_paths import RENDER_ARGS
@@ -220,7 +250,7 @@ def test_gpu_pods_run_the_gpu_image_and_cpu_pods_the_cpu_image(manifests, cluste
 
 
 def test_no_credentials_from_the_rendering_machine_leak(monkeypatch, serve_spec, job_spec, cluster):
-    from jobs.render import ray_job, ray_service
+    from jobs.deploy.kuberay import ray_job, ray_service
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-ship-me")
     monkeypatch.setenv("HF_TOKEN", "do-not-ship-me-either")

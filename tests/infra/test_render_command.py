@@ -12,7 +12,7 @@ runner = CliRunner()
 
 
 def _app() -> typer.Typer:
-    from jobs.render_cli import render_k8s
+    from jobs.cli.deploy import render_k8s
 
     app = typer.Typer()
     app.command()(render_k8s)

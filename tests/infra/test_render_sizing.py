@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.render import (
-    ClusterSpec,
-    GpuPodSize,
-    PodSize,
-    RenderError,
-    batch_groups,
-    cluster_job_spec,
-    cluster_serve_spec,
-    job_groups,
-    per_pod,
-    ray_service,
-    serve_config,
-    serve_groups,
-    vm_groups,
-)
-from jobs.spec import build_job
+from jobs.deploy.cluster import ClusterSpec, GpuPodSize, PodSize, RenderError
+from jobs.deploy.kuberay import ray_service
+from jobs.deploy.serve_config import serve_config
+from jobs.deploy.sizing import batch_groups, job_groups, per_pod, serve_groups, vm_groups
+from jobs.deploy.specs import cluster_job_spec, cluster_serve_spec
+from jobs.job_files import build_job
 from serving.spec import build_spec
 
 JOB = {"input": {"url": "s3://in/"}, "output": {"url": "s3://out/"}}
@@ -129,7 +119,9 @@ def test_job_credentials_are_refused_but_endpoints_pass():
 
 
 def test_vm_image_is_ray_s_default_unless_set():
-    from jobs.render import GroupSize, VmSpec, launcher_config
+    from jobs.deploy.cluster import VmSpec
+    from jobs.deploy.sizing import GroupSize
+    from jobs.deploy.vm import launcher_config
 
     cpu = GroupSize(0, 0, 1, 4)
     nodes = launcher_config(ClusterSpec(), cpu, None)["available_node_types"]

@@ -35,7 +35,7 @@ def test_vm_node_types_mirror_the_kuberay_groups(rendered, manifests, cluster):
 
 
 def test_vm_processes_get_credentials_from_a_file_outside_the_repository(rendered):
-    from jobs.render import LOCAL_ENV_FILE, VM_ENV_FILE
+    from jobs.deploy.vm import LOCAL_ENV_FILE, VM_ENV_FILE
 
     config = yaml.safe_load(rendered["vm/cluster.yaml"])
     assert config["file_mounts"][VM_ENV_FILE] == LOCAL_ENV_FILE and LOCAL_ENV_FILE.startswith("~/")

@@ -22,8 +22,8 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from jobs.cluster_cli import jobs_app, submit
-from jobs.samples import make_samples
+from jobs.cli.cluster import jobs_app, submit
+from jobs.demo.samples import make_samples
 from pipelines.sinks import ERRORS, RESULTS, OutputDir
 
 pytestmark = pytest.mark.slow

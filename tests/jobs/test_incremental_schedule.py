@@ -10,10 +10,10 @@ import pytest
 
 from jobs.history import History
 from jobs.runners import LocalRunner
-from jobs.samples import make_samples
+from jobs.demo.samples import make_samples
 from jobs.scheduler import Scheduler
 from jobs.schedules import Schedule, ScheduleEntry
-from jobs.spec import build_job
+from jobs.job_files import build_job
 from pipelines.sinks import ERRORS, RESULTS, OutputDir
 
 pytestmark = pytest.mark.slow

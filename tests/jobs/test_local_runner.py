@@ -10,7 +10,7 @@ import time
 import pytest
 
 from jobs.runners import LocalRunner
-from jobs.spec import build_job
+from jobs.job_files import build_job
 
 # Reads the spec it is given, then behaves as the environment says: sleep, print, exit with a code.
 FAKE_RUN = (

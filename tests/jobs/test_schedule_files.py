@@ -9,9 +9,9 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from jobs.schedule_cli import schedule_app
+from jobs.cli.schedule import schedule_app
 from jobs.schedules import load_schedules
-from jobs.spec import SpecError
+from jobs.job_files import SpecError
 
 JOB = {"input": {"url": "/data/in"}, "output": {"url": "/data/out"}}
 

@@ -12,8 +12,8 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from jobs.cluster_cli import jobs_app, submit
-from jobs.spec import build_job
+from jobs.cli.cluster import jobs_app, submit
+from jobs.job_files import build_job
 from jobs.submit import ENTRYPOINT, SPEC_ENV, runtime_env
 
 JOB = {"input": {"url": "/data/in"}, "output": {"url": "/data/out"},

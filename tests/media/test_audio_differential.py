@@ -27,7 +27,7 @@ from media_makers import (
     xing_frames,
 )
 
-from jobs.samples import speech
+from jobs.demo.samples import speech
 from pipelines.errors import DecodeError
 from pipelines.media import audio
 from pipelines.media.audio import FRAME, SAMPLE_RATE, AudioStream, window_spans

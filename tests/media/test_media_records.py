@@ -17,7 +17,7 @@ from media_makers import av_file, lame_mp3, overstate_lame, overstate_xing, with
 from typer.testing import CliRunner
 
 from jobs.cli import app
-from jobs.inspect import inspect_files
+from jobs.media_report import inspect_files
 from pipelines.config import InputSpec, JobSpec, OutputSpec, TaskSpec
 from pipelines.media import sniff as sniff_module
 from pipelines.prepare import MediaLimits

@@ -11,7 +11,7 @@ import soundfile as sf
 from media_makers import av_file, lame_mp3
 from PIL import Image
 
-from jobs.samples import document
+from jobs.demo.samples import document
 from pipelines.config import InputSpec
 from pipelines.errors import DecodeError, UnsupportedInput
 from pipelines.media.sniff import AUDIO, DOCUMENT, IMAGE, MEDIA_SUFFIXES, TEXT, by_extension, modality_of, sniff

@@ -93,7 +93,7 @@ def test_cli_reports_a_bad_spec_without_starting_anything(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from serving.cli import serve_command
+    from jobs.cli.serve import serve_command
 
     app = typer.Typer()
     app.command("serve")(serve_command)

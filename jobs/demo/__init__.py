@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from jobs.samples import document, make_images, speech
+from jobs.demo.samples import document, make_images, speech
 from pipelines.config import InputSpec, JobSpec, OutputSpec, ResourcesSpec, TaskSpec
 
 TASKS = [

@@ -87,7 +87,8 @@ def inspect_file(url: str, *, tokenizer, options: TaskOptions, limits: MediaLimi
         record["grid"] = item.detail["grid"]
     elif item.modality == DOCUMENT:
         record["pages"] = item.detail["pages"]
-        record["windows"] = [[seg.pages[0], seg.pages[-1], req.image_tokens] for seg, req in zip(item.segments, item.requests)]
+        record["windows"] = [[seg.pages[0], seg.pages[-1], req.image_tokens]
+                             for seg, req in zip(item.segments, item.requests)]
     return record
 
 
@@ -114,7 +115,8 @@ def describe(record: dict) -> str:
     prompt = "+".join(str(n) for n in record["prompt_tokens"])
     if modality == IMAGE:
         (dh, dw), (h, w), (rows, cols) = record["size_decoded"], record["size"], record["grid"]
-        return f"image {dw}x{dh} -> {w}x{h}, grid {rows}x{cols} = {record['tokens']} image tokens; prompt {prompt} tokens"
+        return (f"image {dw}x{dh} -> {w}x{h}, grid {rows}x{cols} = {record['tokens']} image tokens; "
+                f"prompt {prompt} tokens")
     if modality == AUDIO:
         windows = ", ".join(f"{s:.2f}-{e:.2f}s:{n}" for s, e, n in record["windows"])
         return (
@@ -123,5 +125,6 @@ def describe(record: dict) -> str:
         )
     if modality == DOCUMENT:
         windows = ", ".join(f"pages {a}-{b}:{n}" for a, b, n in record["windows"])
-        return f"document {record['pages']} page(s), {len(record['windows'])} window(s) [{windows}]; prompt {prompt} tokens"
+        return (f"document {record['pages']} page(s), {len(record['windows'])} window(s) [{windows}]; "
+                f"prompt {prompt} tokens")
     return f"text; prompt {prompt} tokens"

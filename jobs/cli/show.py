@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from jobs.cli.options import parse_storage_options
+
 console = Console()
 
 RESULT_COLUMNS = ("id", "task", "text", "finish_reason", "output_tokens")
@@ -45,10 +47,8 @@ def show(
     storage_option: Optional[List[str]] = typer.Option(None, help="fsspec storage option KEY=VALUE (repeatable)."),
 ) -> None:
     """Print the first rows of a job's results (or, with --errors, its errors) and how many there are."""
-    from jobs.cli import _parse_storage_options
-
     folder = "errors" if errors else "results"
-    rows, total = first_rows(output, folder, limit, _parse_storage_options(storage_option))
+    rows, total = first_rows(output, folder, limit, parse_storage_options(storage_option))
     names = list(column or (ERROR_COLUMNS if errors else RESULT_COLUMNS))
     table = Table(title=f"{output.rstrip('/')}/{folder}/: first {len(rows)} of {total} rows", show_lines=True)
     for name in names:

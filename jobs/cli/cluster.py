@@ -88,7 +88,7 @@ def submit(
     env: Optional[List[str]] = typer.Option(None, help="Environment variable KEY=VALUE for the job (repeatable)."),
 ) -> None:
     """Submit a batch job to a Ray cluster; it runs `gemma-unified run` there on the same spec. Prints the job id."""
-    from jobs.spec import load_job
+    from jobs.job_files import load_job
     from jobs.submit import submit as submit_job
 
     try:
