@@ -86,7 +86,7 @@ def bare_loop(directory: Path, task: TaskSpec, media: MediaSpec, batch: int) -> 
         requests = []
         for path in files[start : start + batch]:
             requests += prepare_item(path.read_bytes(), item_id=path.name, name=path.name, tokenizer=engine.tokenizer,
-                                     options=options, limits=media.limits(), sampling=sampling).requests
+                                     options=options, limits=media, sampling=sampling).requests
         engine.generate(requests)
     return time.perf_counter() - started, len(files)
 

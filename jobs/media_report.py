@@ -12,13 +12,13 @@ from typing import Iterable, Iterator
 
 import fsspec
 
+from pipelines.config import MediaSpec
 from pipelines.errors import GemmaUnifiedError
 from pipelines.prepare import (
     AUDIO,
     DOCUMENT,
     IMAGE,
     AudioRequests,
-    MediaLimits,
     check_modality,
     detect_modality,
     prepare_item,
@@ -45,7 +45,7 @@ def _empty_record(url: str) -> dict:
 
 
 def inspect_files(
-    urls: Iterable[str], *, tokenizer, options: TaskOptions, limits: MediaLimits, storage_options=None
+    urls: Iterable[str], *, tokenizer, options: TaskOptions, limits: MediaSpec, storage_options=None
 ) -> Iterator[dict]:
     """One record per file, in order, each as soon as it is ready. Never raises for a file: an unexpected
     exception (a bug, a decoder crash) becomes that file's `error`, and the next file goes on."""
@@ -59,7 +59,7 @@ def inspect_files(
         yield record
 
 
-def inspect_file(url: str, *, tokenizer, options: TaskOptions, limits: MediaLimits, storage_options=None) -> dict:
+def inspect_file(url: str, *, tokenizer, options: TaskOptions, limits: MediaSpec, storage_options=None) -> dict:
     """One JSON-ready record for one file; a bad file gives a record with `error` set."""
     record = _empty_record(url)
     try:
@@ -92,7 +92,7 @@ def inspect_file(url: str, *, tokenizer, options: TaskOptions, limits: MediaLimi
     return record
 
 
-def _inspect_audio(record: dict, handle, url: str, tokenizer, options: TaskOptions, limits: MediaLimits) -> dict:
+def _inspect_audio(record: dict, handle, url: str, tokenizer, options: TaskOptions, limits: MediaSpec) -> dict:
     """Audio straight from the open file, one window at a time: each window's frames are dropped once counted."""
     windows = AudioRequests(handle, item_id=url, tokenizer=tokenizer, options=options, label=url, limits=limits)
     spans, prompt_tokens = [], []

@@ -87,6 +87,8 @@ class EngineSpec(Strict):
 
 
 class MediaSpec(Strict):
+    """Media limits and decoding settings: the job's `media` section, and what every decoder is given."""
+
     max_soft_tokens: int = Field(DEFAULT_SOFT_TOKENS, description="Image token budget: 70, 140, 280, 560 or 1120.")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, le=2_000_000_000, description="Decoded image pixel limit.")
     max_audio_s: float = Field(4 * 3600.0, gt=0, le=48 * 3600.0, description="Audio duration limit in seconds.")
@@ -102,11 +104,6 @@ class MediaSpec(Strict):
         if value not in SUPPORTED_SOFT_TOKENS:
             raise ValueError(f"must be one of {SUPPORTED_SOFT_TOKENS}")
         return value
-
-    def limits(self):
-        from pipelines.prepare import MediaLimits
-
-        return MediaLimits(**self.model_dump())
 
 
 class InputSpec(Strict):

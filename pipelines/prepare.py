@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import BinaryIO, Iterator
 
+from pipelines.config import MediaSpec
 from pipelines.engines.base import PreparedRequest, SamplingParams
 from pipelines.errors import DecodeError, UnsupportedInput
 from pipelines.media import audio as audio_media
@@ -24,18 +25,6 @@ _TASK_MODALITIES = {
     Task.answer: {IMAGE, DOCUMENT, TEXT},
     Task.prompt: {IMAGE, AUDIO, DOCUMENT, TEXT},
 }
-
-
-@dataclass(frozen=True)
-class MediaLimits:
-    max_soft_tokens: int = image_media.DEFAULT_SOFT_TOKENS
-    max_pixels: int = image_media.DEFAULT_MAX_PIXELS
-    max_audio_s: float = 4 * 3600.0
-    window_s: float = 30.0
-    overlap_s: float = 0.0
-    max_pages: int = 8
-    max_document_pages: int = 500
-    dpi: float = document_media.DEFAULT_DPI
 
 
 @dataclass
@@ -96,7 +85,7 @@ class AudioRequests:
     """
 
     def __init__(self, source, *, item_id: str, tokenizer, options: TaskOptions, label: str,
-                 limits: MediaLimits = MediaLimits(), sampling: SamplingParams = SamplingParams()) -> None:
+                 limits: MediaSpec = MediaSpec(), sampling: SamplingParams = SamplingParams()) -> None:
         self.item_id, self.tokenizer, self.options, self.sampling = item_id, tokenizer, options, sampling
         self.clip = audio_media.AudioStream(
             source, item=label, window_s=limits.window_s, overlap_s=limits.overlap_s,
@@ -122,7 +111,7 @@ def prepare_item(
     tokenizer,
     options: TaskOptions,
     name: str | None = None,
-    limits: MediaLimits = MediaLimits(),
+    limits: MediaSpec = MediaSpec(),
     sampling: SamplingParams = SamplingParams(),
     modality: str | None = None,
 ) -> PreparedItem:

@@ -16,10 +16,10 @@ from typing import Iterator
 
 import numpy as np
 
-from pipelines.config import JobSpec
+from pipelines.config import JobSpec, MediaSpec
 from pipelines.engines.base import GenerationResult, SamplingParams
 from pipelines.errors import DecodeError, ItemError, is_fatal
-from pipelines.prepare import AUDIO, AudioRequests, MediaLimits, check_modality, detect_modality, prepare_item
+from pipelines.prepare import AUDIO, AudioRequests, check_modality, detect_modality, prepare_item
 from pipelines.prompts import Task, TaskOptions, parse_translation
 from pipelines.rows import FRAME, pack, unpack
 from pipelines.sinks import ERRORS, RESULTS, WINDOWS, OutputDir
@@ -141,7 +141,7 @@ class Prepare:
         if units:
             yield _columns(units)
 
-    def _options(self, item) -> tuple[TaskOptions, MediaLimits, SamplingParams]:
+    def _options(self, item) -> tuple[TaskOptions, MediaSpec, SamplingParams]:
         task = self.job.task
         options = TaskOptions(
             task=Task(task.task),
@@ -154,7 +154,7 @@ class Prepare:
             thinking=task.thinking,
         )
         media = self.job.media
-        limits = MediaLimits(**{**media.model_dump(), **(
+        limits = MediaSpec(**{**media.model_dump(), **(
             {"max_soft_tokens": int(item.fields["max_soft_tokens"])} if item.fields.get("max_soft_tokens") else {}
         )})
         sampling = SamplingParams(

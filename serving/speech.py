@@ -48,7 +48,7 @@ class SpeechService:
             max_new_tokens=min(TOKENS_PER_WINDOW[task], self.spec.limits.max_output_tokens),
             temperature=form.temperature,
         )
-        limits = self.spec.media.limits()
+        limits = self.spec.media
         try:
             if not data:
                 raise DecodeError("the uploaded file is empty (0 bytes)", item="file")

@@ -28,7 +28,7 @@ def inspect_command(
     """Show what the model will see of each file: modality, sizes, patch grid, audio windows, token counts."""
     from jobs.media_report import describe, inspect_files
     from pipelines.models import load_tokenizer
-    from pipelines.prepare import MediaLimits
+    from pipelines.config import MediaSpec
     from pipelines.prompts import Task, TaskOptions
 
     options = TaskOptions(
@@ -38,7 +38,7 @@ def inspect_command(
         source_language="English",
         target_language="French",
     )
-    limits = MediaLimits(max_soft_tokens=max_soft_tokens, window_s=window_s, overlap_s=overlap_s, max_pages=max_pages)
+    limits = MediaSpec(max_soft_tokens=max_soft_tokens, window_s=window_s, overlap_s=overlap_s, max_pages=max_pages)
     tokenizer = load_tokenizer(model)
     storage = parse_storage_options(storage_option)
     failed = False

@@ -20,7 +20,7 @@ from jobs.cli import app
 from jobs.media_report import inspect_files
 from pipelines.config import InputSpec, JobSpec, OutputSpec, TaskSpec
 from pipelines.media import sniff as sniff_module
-from pipelines.prepare import MediaLimits
+from pipelines.config import MediaSpec
 from pipelines.prompts import Task, TaskOptions
 from pipelines.stages import Prepare
 
@@ -113,7 +113,7 @@ def test_inspect_yields_each_record_before_reading_the_next_file(media, tokenize
             yield str(media / name)
 
     options = TaskOptions(task=Task.transcribe, language="English")
-    records = inspect_files(urls(), tokenizer=tokenizer, options=options, limits=MediaLimits())
+    records = inspect_files(urls(), tokenizer=tokenizer, options=options, limits=MediaSpec())
     first = next(records)
     assert first["tokens"] == EXPECTED["mutagen__tests__data__ep7.m4b"]["tokens"]
     assert pulled == ["mutagen__tests__data__ep7.m4b"]  # the second file is not even named yet

@@ -15,7 +15,8 @@ from jobs.demo.samples import document
 from pipelines.config import InputSpec
 from pipelines.errors import DecodeError, UnsupportedInput
 from pipelines.media.sniff import AUDIO, DOCUMENT, IMAGE, MEDIA_SUFFIXES, TEXT, by_extension, modality_of, sniff
-from pipelines.prepare import MediaLimits, prepare_item
+from pipelines.config import MediaSpec
+from pipelines.prepare import prepare_item
 from pipelines.prompts import Task, TaskOptions
 from pipelines.sources import iter_listing
 
@@ -140,9 +141,12 @@ def test_every_accepted_extension_names_one_modality():
 def test_listing_takes_audio_and_video_containers(tmp_path):
     names = ["a.aiff", "b.wv", "c.wma", "d.mpc", "e.ape", "f.m4b", "g.amr", "h.mp4", "i.mkv", "j.3gp", "k.xyz"]
     for name in names:
-        (tmp_path / name).write_bytes(b"x")
+        (tmp_path / name).write_bytes(b"x" if name != "k.xyz" else b"\x00\xff\xfe\x01")  # not even text
     listed = sorted(row["id"] for row in iter_listing(InputSpec(url=str(tmp_path))))
-    assert listed == names[:-1]
+    assert listed == names  # every file is listed: one that cannot be read becomes an error row
+    skipped: list[str] = []
+    recognised = sorted(row["id"] for row in iter_listing(InputSpec(url=str(tmp_path), skip_unsupported=True), skipped))
+    assert recognised == names[:-1] and skipped == ["k.xyz"]  # by extension: every container above is recognised
 
 
 # Through prepare_item: the task meets what the content is.
@@ -156,7 +160,7 @@ OPTIONS = {
 
 def prepare(data: bytes, name: str, task: str, tokenizer):
     return prepare_item(data, item_id=name, name=name, tokenizer=tokenizer, options=OPTIONS[task],
-                        limits=MediaLimits())
+                        limits=MediaSpec())
 
 
 @pytest.mark.parametrize("name", ["mutagen__tests__data__8k-1ch-1s-silence.aif", "mutagen__tests__data__no_length.wv",

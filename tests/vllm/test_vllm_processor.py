@@ -14,7 +14,8 @@ pytest.importorskip("vllm.multimodal", reason="vLLM is not installed: `make test
 
 from pipelines.engines.vllm_inputs import is_fixed_point, to_vllm_prompt  # noqa: E402
 from pipelines.media.image import SUPPORTED_SOFT_TOKENS, target_size  # noqa: E402
-from pipelines.prepare import MediaLimits, prepare_item  # noqa: E402
+from pipelines.config import MediaSpec  # noqa: E402
+from pipelines.prepare import prepare_item  # noqa: E402
 from pipelines.prompts import Task, TaskOptions  # noqa: E402
 
 OPTIONS = TaskOptions(task=Task.prompt, prompt="Describe.", question="What?")
@@ -89,7 +90,7 @@ def test_the_sizes_include_grids_that_are_not_fixed_points():
 def test_images_at_every_budget(vllm_processor, tokenizer, budget):
     for index, (height, width) in enumerate(SIZES):
         (request,) = prepare_item(_png(height, width, index), item_id=f"i{index}", name="x.png", tokenizer=tokenizer,
-                                  options=OPTIONS, limits=MediaLimits(max_soft_tokens=budget)).requests
+                                  options=OPTIONS, limits=MediaSpec(max_soft_tokens=budget)).requests
         _check(vllm_processor, tokenizer, request, budget)
 
 
@@ -103,7 +104,7 @@ def test_several_images_and_pdf_pages(vllm_processor, tokenizer):
     document.save(buffer)
     (request,) = prepare_item(buffer.getvalue(), item_id="doc", name="x.pdf", tokenizer=tokenizer,
                               options=TaskOptions(task=Task.answer, question="What?"),
-                              limits=MediaLimits(max_pages=3)).requests
+                              limits=MediaSpec(max_pages=3)).requests
     assert len(request.image_patches) == 3
     placeholders = _check(vllm_processor, tokenizer, request, 280)
     assert len(placeholders["image"]) == 3
