@@ -14,8 +14,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from jobs.job_files import SpecError, build_job, load_yaml
-from pipelines.config import JobSpec
+from jobs.job_files import build_job, load_yaml
+from pipelines.config import JobSpec, SpecError
 
 DEFAULT_STATE = ".gemma-unified/schedules.db"
 

@@ -6,10 +6,13 @@ both places. Every field has a description and a bound; validation happens once,
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipelines.errors import GemmaUnifiedError
 from pipelines.media.image import DEFAULT_MAX_PIXELS, DEFAULT_SOFT_TOKENS, SUPPORTED_SOFT_TOKENS
 
 
@@ -212,3 +215,35 @@ def describe_validation(error, source: str) -> str:
     """A pydantic ValidationError as one line naming the source and each field with its problem."""
     problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
     return f"{source}: {problems}"
+
+
+class SpecError(GemmaUnifiedError):
+    """A spec file or its overrides do not make a valid spec; the message names the file and the fields."""
+
+
+SpecT = TypeVar("SpecT", bound=BaseModel)
+
+
+def build_spec(model: type[SpecT], data: dict, overrides: dict | None = None, source: str = "spec") -> SpecT:
+    """A spec (JobSpec, ServeSpec) from a mapping plus overrides (nested dicts; None leaves a field alone)."""
+    try:
+        return model.model_validate(merge_overrides(data, overrides or {}))
+    except ValidationError as exc:
+        raise SpecError(describe_validation(exc, source)) from None
+
+
+def read_spec_file(path: str | Path, kind: str, sections: str) -> dict:
+    """The mapping in a YAML spec file; `kind` ("job", "serve") and `sections` name what a valid file holds."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise SpecError(f"{path}: cannot read the {kind} file: {exc}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: a {kind} file is a mapping with {sections}")
+    return data
+
+
+def load_spec_file(model: type[SpecT], path: str | Path | None, overrides: dict | None, kind: str,
+                   sections: str) -> SpecT:
+    data = read_spec_file(path, kind, sections) if path else {}
+    return build_spec(model, data, overrides, str(path) if path else "command line")

@@ -8,16 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from pipelines.config import EngineSpec, MediaSpec, ModelSpec, Strict, describe_validation, merge_overrides
+from pipelines.config import EngineSpec, MediaSpec, ModelSpec, Strict, load_spec_file
+from pipelines.config import build_spec as build_config
 from pipelines.environment import API_KEYS_ENV  # noqa: F401  (re-exported: one name for the variable)
-from pipelines.errors import GemmaUnifiedError
-
-
-class SpecError(GemmaUnifiedError):
-    """A serve file or its overrides do not make a valid spec; the message names the file and the fields."""
 
 
 class AutoscalingSpec(Strict):
@@ -219,19 +214,8 @@ class ServeSpec(Strict):
 
 def build_spec(data: dict, overrides: dict | None = None, source: str = "serve spec") -> ServeSpec:
     """A ServeSpec from a mapping plus overrides (nested dicts; None values leave the field alone)."""
-    try:
-        return ServeSpec.model_validate(merge_overrides(data, overrides or {}))
-    except ValidationError as exc:
-        raise SpecError(describe_validation(exc, source)) from None
+    return build_config(ServeSpec, data, overrides, source)
 
 
 def load_spec(path: str | Path | None, overrides: dict | None = None) -> ServeSpec:
-    data: dict = {}
-    if path:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise SpecError(f"{path}: cannot read the serve file: {exc}") from None
-        if not isinstance(data, dict):
-            raise SpecError(f"{path}: a serve file is a mapping (model, engine, media, autoscaling, limits, ...)")
-    return build_spec(data, overrides, str(path) if path else "command line")
+    return load_spec_file(ServeSpec, path, overrides, "serve", "model, engine, media, autoscaling, limits, ...")

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from jobs.cli.schedule import schedule_app
 from jobs.schedules import load_schedules
-from jobs.job_files import SpecError
+from pipelines.config import SpecError
 
 JOB = {"input": {"url": "/data/in"}, "output": {"url": "/data/out"}}
 

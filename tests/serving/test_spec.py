@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.config import EngineSpec, ModelSpec
-from serving.spec import ServeSpec, SpecError, build_spec, load_spec
+from pipelines.config import EngineSpec, ModelSpec, SpecError
+from serving.spec import ServeSpec, build_spec, load_spec
 
 
 def test_defaults_are_valid_and_share_the_batch_classes():
