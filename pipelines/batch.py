@@ -10,10 +10,10 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from pipelines.cluster import connect as join_or_start
 from pipelines.config import JobSpec
-from pipelines.environment import forwarded_env
 from pipelines.errors import FatalEngineError, explain
-from pipelines.preflight import check_cluster, check_local_model, cluster_address
+from pipelines.preflight import check_local_model, cluster_address
 from pipelines.sinks import ERRORS, RESULTS, OutputDir
 from pipelines.sources import check_reachable, detect_format, iter_listing
 from pipelines.stitch import stitch_windows
@@ -55,24 +55,9 @@ class JobSummary:
 
 
 def connect(job: JobSpec) -> None:
-    """Join the given cluster (or RAY_ADDRESS), else start a local instance sized by the job."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    runtime_env = {"env_vars": forwarded_env()}
-    address = cluster_address(job.resources.address)
-    if address:
-        check_cluster(address)
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
-    else:
-        ray.init(
-            num_cpus=job.resources.num_cpus or os.cpu_count(),
-            object_store_memory=job.resources.object_store_mb * 1024 * 1024,
-            runtime_env=runtime_env,
-            include_dashboard=False,
-            log_to_driver=False,
-        )
+    """Join the job's cluster (or RAY_ADDRESS), else start a local instance sized by the job."""
+    join_or_start(job.resources.address, num_cpus=job.resources.num_cpus or os.cpu_count(),
+                  object_store_bytes=job.resources.object_store_mb * 1024 * 1024)
 
 
 def _write_listing(job: JobSpec, out: OutputDir, run_id: str, skipped: list[str]) -> str:

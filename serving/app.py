@@ -12,8 +12,9 @@ import os
 from ray import serve
 from ray.serve.config import BackpressureConfig
 
-from pipelines.environment import forwarded_env
-from pipelines.preflight import check_cluster, cluster_address  # API keys travel as digests, never as plain env values
+from pipelines.cluster import connect as join_or_start
+from pipelines.environment import forwarded_env  # API keys travel as digests, never as plain env values
+from pipelines.preflight import cluster_address
 from serving.auth import Authenticator, configured_digests
 from serving.spec import ServeSpec, build_spec, load_spec
 
@@ -108,18 +109,10 @@ def connect(spec: ServeSpec, address: str | None = None, *, num_cpus: int | None
     """Join a cluster (address, or RAY_ADDRESS) or start a local instance set up for the spec's proxy."""
     import ray
 
-    if ray.is_initialized():
-        return
-    runtime_env = {"env_vars": forwarded_env()}
-    address = cluster_address(address)
-    if address:
-        check_cluster(address)
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
-        return
-    if spec.http.proxy == "haproxy":
+    if not ray.is_initialized() and spec.http.proxy == "haproxy" and not cluster_address(address):
         # Serve's controller and replicas read these when they start; a local instance inherits this environment.
         os.environ.update(HAPROXY_ENV)
-    ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False, log_to_driver=False)
+    join_or_start(address, num_cpus=num_cpus)
 
 
 def start(spec: ServeSpec, *, blocking: bool = False):

@@ -1,0 +1,30 @@
+"""Join a Ray cluster or start a local one: the one way every command gets Ray."""
+
+from __future__ import annotations
+
+import logging
+
+from pipelines.environment import forwarded_env
+from pipelines.preflight import check_cluster, cluster_address
+
+logger = logging.getLogger(__name__)
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None, object_store_bytes: int | None = None) -> None:
+    """Join `address` (or RAY_ADDRESS) after checking it answers, else start a local instance; no-op if Ray is up.
+
+    Workers get the forwarded environment (storage credentials, hub settings) through the runtime env."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": forwarded_env()}
+    address = cluster_address(address)
+    if address:
+        check_cluster(address)
+        logger.info("joining the Ray cluster at %s", address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+        return
+    logger.info("starting a local Ray instance (%s CPUs)", num_cpus or "all")
+    ray.init(num_cpus=num_cpus, object_store_memory=object_store_bytes, runtime_env=runtime_env,
+             include_dashboard=False, log_to_driver=False)
