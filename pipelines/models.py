@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -12,6 +13,8 @@ from pathlib import Path
 
 from pipelines.config import PRESETS, ModelSpec
 from pipelines.errors import ModelSourceError
+
+logger = logging.getLogger(__name__)
 
 TINY = "tiny"
 REQUIRED_FILES = ("config.json", "tokenizer_config.json")
@@ -83,6 +86,7 @@ def _mirror(url: str, storage_options: dict, only: tuple[str, ...] | None = None
         if not files:
             raise ModelSourceError(f"no model files at {url}")
         directory.mkdir(parents=True, exist_ok=True)
+        logger.info("copying %d model files from %s to %s", len(files), url, directory)
         for remote in files:
             target = directory / os.path.relpath(remote, root.rstrip("/"))
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +109,7 @@ def _hub(repo_id: str) -> Path:
             f"{', '.join(REQUIRED_FILES)} and the *.safetensors weights. Download it on a connected machine "
             f"(hf download {repo_id}, the Hugging Face CLI) or point the model at a local directory or s3:// URL."
         )
+    logger.info("%s is not in the local Hugging Face cache: downloading it", repo_id)
     try:
         return Path(snapshot_download(repo_id, allow_patterns=list(_MODEL_PATTERNS)))
     except Exception as exc:

@@ -7,11 +7,14 @@ skips them, so a killed job resumes where it stopped without a second bookkeepin
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from pipelines.errors import GemmaUnifiedError
+
+logger = logging.getLogger(__name__)
 
 RESULTS, ERRORS, MANIFEST = "results", "errors", "_job.json"
 WINDOWS = "_windows"  # staged rows of single audio windows, until their clip is whole (pipelines/stitch.py)
@@ -149,4 +152,6 @@ class OutputDir:
         parts = self.parts(ERRORS)
         for part in parts:
             self.fs.rm(part)
+        if parts:
+            logger.info("removed %d error parts under %s: their items are retried", len(parts), self.path(ERRORS))
         return len(parts)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import posixpath
 import tarfile
@@ -20,6 +21,8 @@ import fsspec
 from pipelines.config import InputSpec
 from pipelines.errors import StorageError
 from pipelines.media.sniff import MEDIA_SUFFIXES
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
 ROW_FIELDS = ("question", "prompt", "source_language", "target_language", "language")
@@ -117,7 +120,8 @@ def _recognised(fs, path: str) -> bool:
     try:
         with fs.open(path, "rb") as handle:
             return sniff(handle) is not None
-    except Exception:  # noqa: BLE001 - unreadable now: list it, so reading it fails as this item's error row
+    except Exception as exc:  # noqa: BLE001 - unreadable now: list it, so reading it fails as this item's error row
+        logger.debug("cannot sniff %s while listing (%s): listed for its read to report", path, exc)
         return True
 
 

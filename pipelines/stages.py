@@ -19,11 +19,11 @@ import numpy as np
 from pipelines.config import JobSpec, MediaSpec
 from pipelines.engines.base import GenerationResult, SamplingParams
 from pipelines.errors import DecodeError, ItemError, is_fatal
+from pipelines.media.image import PATCH_DIM
 from pipelines.prepare import AUDIO, AudioRequests, check_modality, detect_modality, prepare_item
 from pipelines.prompts import Task, TaskOptions, parse_translation
 from pipelines.rows import FRAME, pack, unpack
 from pipelines.sinks import ERRORS, RESULTS, WINDOWS, OutputDir
-from pipelines.media.image import PATCH_DIM
 
 RESULT_COLUMNS = {
     "id": "string", "item_id": "string", "source": "string", "task": "string", "text": "string",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import logging
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
 import httpx
@@ -13,6 +14,8 @@ import httpx
 from pipelines.errors import InvalidRequest, LimitExceeded
 from serving.spec import RemoteMediaSpec
 from serving.url_guard import ForbiddenURL, GuardedTransport, PublicOnlyBackend, Resolver, host_allowed, system_resolver
+
+logger = logging.getLogger(__name__)
 
 OBJECT_STORAGE_SCHEMES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 
@@ -111,6 +114,7 @@ class MediaFetcher:
         except FileNotFoundError:
             raise InvalidRequest(f"{url} does not exist") from None
         except Exception as exc:  # noqa: BLE001 - any backend error: credentials, endpoint, permissions
+            logger.info("cannot read %s: %s: %s", url, type(exc).__name__, exc)
             raise InvalidRequest(f"cannot read {url}: {type(exc).__name__}: {exc}") from None
         if len(data) > self.spec.max_fetch_bytes:
             raise LimitExceeded(f"{url} is over the limit of {self.spec.max_fetch_bytes:,} bytes")

@@ -7,12 +7,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import AsyncIterator, Protocol
 
 from pipelines.engines.base import PreparedRequest
 from serving.errors import SERVER, APIError, overloaded
 from serving.metrics import Metrics
 from serving.model_server import ModelReply
+
+logger = logging.getLogger(__name__)
 
 
 class ModelBackend(Protocol):
@@ -52,6 +55,7 @@ class ServeModelBackend:
             response = self.handle.generate.remote(request)
             reply: ModelReply = await asyncio.wait_for(response, self.timeout_s)
         except asyncio.TimeoutError:
+            logger.warning("request %s: no answer from the model within %g s; cancelled", request.id, self.timeout_s)
             response.cancel()
             raise APIError(504, f"the model did not answer within {self.timeout_s:g} s", type=SERVER,
                            code="timeout") from None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import AsyncIterator
 
@@ -48,6 +49,8 @@ from serving.protocol import (
 )
 from serving.spec import ServeSpec
 from serving.speech import SpeechService
+
+logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 2.0
 
@@ -173,6 +176,8 @@ def build_api(
                     break
                 event = await anext(events, None)
         except Exception as exc:  # noqa: BLE001 - the status line is gone: the error travels as an event
+            if not isinstance(exc, APIError):
+                logger.exception("a chat stream failed after its first event")
             error = exc if isinstance(exc, APIError) else APIError(
                 500, f"the stream failed: {type(exc).__name__}", type=SERVER, code="internal_error")
             yield f"data: {json.dumps(error.body())}\n\n"

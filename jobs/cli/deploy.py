@@ -25,8 +25,8 @@ def render_files(
     """Relative path -> file text: k8s/ for KubeRay and the scheduler, vm/ for Ray's cluster launcher."""
     from jobs.deploy.cluster import RenderError, load_cluster
     from jobs.deploy.files import render
-    from jobs.schedules import load_schedules
     from jobs.job_files import load_job
+    from jobs.schedules import load_schedules
     from serving.spec import load_spec
 
     if not (serve_file or job_files or schedules_file):

@@ -27,8 +27,8 @@ def inspect_command(
 ) -> None:
     """Show what the model will see of each file: modality, sizes, patch grid, audio windows, token counts."""
     from jobs.media_report import describe, inspect_files
-    from pipelines.models import load_tokenizer
     from pipelines.config import MediaSpec
+    from pipelines.models import load_tokenizer
     from pipelines.prompts import Task, TaskOptions
 
     options = TaskOptions(

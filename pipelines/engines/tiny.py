@@ -135,6 +135,7 @@ def build_tiny_model(directory: str | Path, *, seed: int = 0) -> Path:
     """Write a complete tiny checkpoint: processor files, target model and its MTP assistant in `assistant/`."""
     import torch
     from transformers import (
+        AutoTokenizer,
         Gemma4UnifiedAssistantConfig,
         Gemma4UnifiedAssistantForCausalLM,
         Gemma4UnifiedAudioConfig,
@@ -143,8 +144,6 @@ def build_tiny_model(directory: str | Path, *, seed: int = 0) -> Path:
         Gemma4UnifiedTextConfig,
         Gemma4UnifiedVisionConfig,
     )
-
-    from transformers import AutoTokenizer
 
     from pipelines.engines import mtp_fix
 

@@ -8,6 +8,7 @@ time (transformers' assisted generation takes batch size 1).
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from contextlib import contextmanager
@@ -22,6 +23,8 @@ from pipelines.engines.base import GenerationResult, PreparedRequest, SamplingPa
 from pipelines.errors import ModelSourceError
 from pipelines.models import ResolvedModel
 from pipelines.prompts import strip_thinking
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
@@ -55,6 +58,7 @@ class TransformersEngine:
                 model.path, dtype=self.dtype, **self._quantization()
             ).to(self.device).eval()
             self.assistant = None
+            logger.info("loaded %s on %s (%s)", model.path, self.device, str(self.dtype).removeprefix("torch."))
             if engine.speculative and model.assistant_path is not None:
                 from transformers import Gemma4UnifiedAssistantForCausalLM
 

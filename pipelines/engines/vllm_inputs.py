@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
