@@ -58,6 +58,7 @@ def test_a_mistyped_model_directory_stops_the_run_with_one_message(tiny_dir, ima
     assert record["status"] == "failed" and "no model directory" in record["reason"]
 
 
+@pytest.mark.slow  # whole CLI processes that wait on a network timeout or a model load
 def test_verbose_adds_the_traceback_anywhere_on_the_line(tiny_dir, images, tmp_path):
     result = cli("run", "--task", "caption", "--input", str(images), "--output", str(tmp_path / "out"),
                  "--model", "./nope", "--no-progress", "--verbose")
@@ -73,6 +74,7 @@ def test_a_missing_engine_extra_is_named(tiny_dir, images, tmp_path):
     one_message(result, "vLLM is not installed here", "'.[vllm]'")
 
 
+@pytest.mark.slow  # whole CLI processes that wait on a network timeout or a model load
 def test_an_unreachable_cluster_fails_within_a_minute(tiny_dir, images, tmp_path):
     started = time.monotonic()
     address = f"127.0.0.1:{_closed_port()}"
@@ -85,6 +87,7 @@ def test_an_unreachable_cluster_fails_within_a_minute(tiny_dir, images, tmp_path
     one_message(dashboard, "gemma-unified submit")
 
 
+@pytest.mark.slow  # whole CLI processes that wait on a network timeout or a model load
 def test_inspect_and_serve_with_a_missing_model(tiny_dir, images):
     one_message(cli("inspect", str(images / "image_0.jpg"), "--model", "/no/such/model"), "no model directory")
     one_message(cli("serve", "--model", "./no-such-model", "--port", str(_closed_port())), "no model directory")

@@ -84,6 +84,7 @@ def test_object_storage_model_is_mirrored_once_per_node(tiny_dir, s3_server, mon
     assert resolve(spec).assistant_path == path / "assistant"
 
 
+@pytest.mark.slow  # waits for a connection to a closed port to fail
 def test_unreachable_model_storage_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("GEMMA_UNIFIED_CACHE", str(tmp_path))
     spec = ModelSpec(name="s3://models/none/", storage_options={"endpoint_url": "http://127.0.0.1:9", "key": "k",
