@@ -18,13 +18,15 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, object_s
 
     if ray.is_initialized():
         return
+    # Ray's own start-up lines (token auth, "Started a local Ray instance") only when our loggers are verbose.
+    ray_logging = logging.INFO if logger.isEnabledFor(logging.INFO) else logging.ERROR
     runtime_env = {"env_vars": forwarded_env()}
     address = cluster_address(address)
     if address:
         check_cluster(address)
         logger.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level=ray_logging)
         return
     logger.info("starting a local Ray instance (%s CPUs)", num_cpus or "all")
     ray.init(num_cpus=num_cpus, object_store_memory=object_store_bytes, runtime_env=runtime_env,
-             include_dashboard=False, log_to_driver=False)
+             include_dashboard=False, log_to_driver=False, logging_level=ray_logging)

@@ -96,8 +96,9 @@ class Prepare:
     needs = ("id", "uri", "kind")
     # One CPU and a memory reservation per task. Memory is what the model actors never ask for, so the two stages'
     # remote args differ and Ray Data keeps tokenization in its own CPU tasks instead of fusing it into the actors.
-    # 512 MiB covers the worst decode measured (a 4-hour MP3 peaks near 40 MB in this stage) with ample margin.
-    remote_args = {"num_cpus": 1, "memory": 512 * 1024**2}
+    # A worker holds about 430 MiB once torch and the tokenizer are imported; the worst decode measured (a 4-hour
+    # MP3) adds about 40 MB in this stage. 1 GiB leaves room for large images and PDF pages.
+    remote_args = {"num_cpus": 1, "memory": 1024**3}
 
     def __init__(self, job: JobSpec, done_ids_ref=None) -> None:
         self.job = job

@@ -28,6 +28,8 @@ def demo(
     model: str = typer.Option("tiny", help="The model; tiny needs no weights (its words are random)."),
 ) -> None:
     """Make sample images, speech and a PDF, then caption, transcribe, translate and answer them end to end."""
+    from jobs.cli.failures import quiet_library_logs
     from jobs.demo import run_demo
 
+    quiet_library_logs()
     run_demo(directory, model, console)

@@ -45,21 +45,22 @@ def report(exc: BaseException) -> None:
     err_console.print(f"[red]error:[/red] {escape(explain(exc))}{hint}", soft_wrap=True)
 
 
-class _HideErrors(logging.Filter):
+class _HideAll(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR
+        return False
 
 
-def quiet_library_errors() -> None:
-    """Ray Data logs a failure with its traceback on the console before raising it, and the command then reports
-    that failure in one line: unless verbose, its console keeps warnings only (its ray-data.log keeps everything)."""
+def quiet_library_logs() -> None:
+    """Ray Data logs to the console (warnings, its issue detectors, a failure with its traceback before raising it)
+    while the command shows its own progress, summary and one-line errors: unless verbose, its console lines are
+    dropped (its ray-data.log in the Ray session folder keeps everything)."""
     if verbose():
         return
     import ray.data  # noqa: F401 - importing it sets up its loggers
 
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.addFilter(_HideErrors())
+            handler.addFilter(_HideAll())
 
 
 class ContractGroup(TyperGroup):

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from jobs.cli.failures import EXIT_ITEMS_FAILED, quiet_library_errors
+from jobs.cli.failures import EXIT_ITEMS_FAILED, quiet_library_logs
 from jobs.cli.options import parse_storage_options
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def run(
         "resources": {"replicas": replicas, "batch_size": batch_size, "address": address},
     }
     job = load_job(job_file, overrides)
-    quiet_library_errors()
+    quiet_library_logs()
     summary = run_job(job, progress=progress)  # a failure that stops the job: one message and exit 2 (failures.py)
     print_summary(summary, console)
     if summary.failed:  # this run's failures, and earlier ones kept by --no-retry-failed
