@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from pipelines.environment import forwarded_env
+from pipelines.errors import ClusterError
 from pipelines.preflight import check_cluster, cluster_address
 
 logger = logging.getLogger(__name__)
@@ -28,5 +29,12 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, object_s
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level=ray_logging)
         return
     logger.info("starting a local Ray instance (%s CPUs)", num_cpus or "all")
-    ray.init(num_cpus=num_cpus, object_store_memory=object_store_bytes, runtime_env=runtime_env,
-             include_dashboard=False, log_to_driver=False, logging_level=ray_logging)
+    try:
+        ray.init(num_cpus=num_cpus, object_store_memory=object_store_bytes, runtime_env=runtime_env,
+                 include_dashboard=False, log_to_driver=False, logging_level=ray_logging)
+    except (RuntimeError, OSError, ValueError, TimeoutError) as exc:  # ray.init's own failures, e.g. its start timeout
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ClusterError(
+            f"cannot start a local Ray instance: {first_line}. Try again on a less loaded machine, free memory for "
+            f"the object store (resources.object_store_mb), or join a running cluster (--address or RAY_ADDRESS)"
+        ) from exc
