@@ -86,6 +86,9 @@ class EngineSpec(Strict):
                 "quantization for this model); with kind=vllm use fp8, or compressed-tensors with the QAT "
                 "checkpoint (model gemma-4-12b-it-qat)"
             )
+        if self.kind == "vllm" and self.quantization == "fp8" and self.dtype == "float32":
+            raise ValueError("quantization=fp8 computes in bfloat16 or float16 on vLLM: set dtype to one of them "
+                             "(or auto)")
         return self
 
 

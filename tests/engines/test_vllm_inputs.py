@@ -376,6 +376,14 @@ def test_vllm_with_bitsandbytes_is_refused_by_the_spec(quantization):
         engine_kwargs(EngineSpec(kind="transformers", quantization=quantization), "/m", None)
 
 
+def test_vllm_fp8_in_float32_is_refused_by_the_spec():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="fp8 computes in bfloat16 or float16 on vLLM"):
+        EngineSpec(kind="vllm", quantization="fp8", dtype="float32")
+    assert EngineSpec(kind="vllm", quantization="fp8", dtype="bfloat16").dtype == "bfloat16"
+
+
 def test_engine_kwargs():
     spec = EngineSpec(kind="vllm", dtype="bfloat16", max_model_len=4096, gpu_memory_utilization=0.8,
                       max_images_per_prompt=3, num_speculative_tokens=6)
