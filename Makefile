@@ -9,7 +9,7 @@ GPU_PINS_VENV := .venv-gpu-pins
 GPU_PINS_BIN  := $(GPU_PINS_VENV)/bin
 # Tests of the code paths that depend on transformers' version (tokenizer, chat template, processors, tiny model,
 # MTP fix), run again under the GPU set's transformers.
-GPU_PINS_TESTS := tests/test_prompts.py tests/test_models.py tests/media/test_image.py tests/engines
+GPU_PINS_TESTS := tests/test_prompts.py tests/test_model_sources.py tests/media/test_image.py tests/engines
 
 # vLLM's Python code (no CUDA wheel) beside the GPU set's transformers: its input processing runs on CPU.
 VLLM_CPU := $(GPU_PINS_VENV)/vllm-cpu

@@ -74,7 +74,7 @@ def batch(source):
     job = JobSpec(input=InputSpec(url=os.path.dirname(source)), output=OutputSpec(url=folder),
                   task=TaskSpec(task="transcribe", language="English"), media=MediaSpec(max_audio_s=LIMIT))
     tokens = end = 0
-    for part in Prepare(job)({"id": [os.path.basename(source)], "uri": [source], "kind": ["file"]}):
+    for part in Prepare(job)({"id": [os.path.basename(source)], "uri": [source], "container": ["file"]}):
         tokens += sum(len(frames) for frames in part["audio_frames"])
         end = max([end] + [json.loads(spans)[-1][1] for spans in part["segments_in"]])
     return tokens, end

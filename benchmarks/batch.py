@@ -73,7 +73,7 @@ def bare_loop(directory: Path, task: TaskSpec, media: MediaSpec, batch: int) -> 
     from pipelines.config import EngineSpec
     from pipelines.engines.base import SamplingParams
     from pipelines.engines.transformers import TransformersEngine
-    from pipelines.models import resolve
+    from pipelines.model_sources import resolve
     from pipelines.prepare import prepare_item
     from pipelines.prompts import Task, TaskOptions
 

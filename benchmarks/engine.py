@@ -29,7 +29,7 @@ from rich.table import Table
 from pipelines.config import EngineSpec
 from pipelines.engines.base import SamplingParams
 from pipelines.engines.transformers import TransformersEngine
-from pipelines.models import resolve
+from pipelines.model_sources import resolve
 from pipelines.prepare import prepare_item
 from pipelines.prompts import Task, TaskOptions, build_messages, render
 

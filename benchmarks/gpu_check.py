@@ -160,7 +160,7 @@ def write_configs(directory: Path, dry_run: bool):
     from transformers import AutoConfig
 
     from pipelines.engines import mtp_fix
-    from pipelines.engines.tiny import build_tiny_tokenizer
+    from pipelines.engines.tiny_checkpoint import build_tiny_tokenizer
 
     mtp_fix.apply()
     tokenizer = build_tiny_tokenizer()
@@ -417,7 +417,7 @@ def load_engine(table: Table, directory: Path, device):
 
     from pipelines.config import EngineSpec
     from pipelines.engines.transformers import TransformersEngine
-    from pipelines.models import ResolvedModel
+    from pipelines.model_sources import ResolvedModel
 
     started = time.perf_counter()
     spec = EngineSpec(device="cpu", dtype="bfloat16", speculative=True, max_batch_size=1)

@@ -68,7 +68,7 @@ def load_engine(spec, body: dict):
     import torch
 
     from pipelines.engines.transformers import TransformersEngine
-    from pipelines.models import load_tokenizer, resolve
+    from pipelines.model_sources import load_tokenizer, resolve
     from serving.chat import ChatService
     from serving.media_sources import MediaFetcher
     from serving.protocol import ChatCompletionRequest

@@ -55,7 +55,7 @@ def default_runners(config: ScheduleFile) -> Callable[[Schedule], Runner]:
 
 def read_counts(run: Run, job: JobSpec) -> dict:
     """This run's counts from the output's `_job.json`, when the batch job got that far."""
-    from pipelines.sinks import OutputDir
+    from pipelines.output import OutputDir
 
     try:
         manifest = OutputDir(run.output or job.output.url, job.output.storage_options).read_manifest() or {}

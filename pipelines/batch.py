@@ -14,7 +14,7 @@ from pipelines.cluster import connect as join_or_start
 from pipelines.config import JobSpec
 from pipelines.errors import FatalEngineError, explain
 from pipelines.preflight import check_local_model, cluster_address
-from pipelines.sinks import ERRORS, RESULTS, OutputDir
+from pipelines.output import ERRORS, RESULTS, OutputDir
 from pipelines.sources import check_reachable, detect_format, iter_listing
 from pipelines.stitch import stitch_windows
 
@@ -74,7 +74,7 @@ def _write_listing(job: JobSpec, out: OutputDir, run_id: str, skipped: list[str]
         table = pa.table({
             "id": pa.array([r["id"] for r in page], pa.string()),
             "uri": pa.array([r["uri"] for r in page], pa.string()),
-            "kind": pa.array([r["kind"] for r in page], pa.string()),
+            "container": pa.array([r["container"] for r in page], pa.string()),
         })
         with out.fs.open(f"{folder}/page-{pages:06d}.parquet", "wb") as handle:
             pq.write_table(table, handle)
@@ -118,7 +118,7 @@ def _read_manifest(job: JobSpec):
 
 
 def _normalise_manifest(table):
-    """Manifest rows -> listing rows: id, uri (or inline data), kind, and the per-row task fields."""
+    """Manifest rows -> listing rows: id, uri (or inline data), container, and the per-row task fields."""
     import base64
 
     import pyarrow as pa
@@ -140,7 +140,7 @@ def _normalise_manifest(table):
     columns = {
         "id": pa.array(ids, pa.string()),
         "uri": pa.array(uris, pa.string()),
-        "kind": pa.array(["inline" if d is not None else "file" for d in data], pa.string()),
+        "container": pa.array(["inline" if d is not None else "file" for d in data], pa.string()),
         "data": pa.array(data, pa.binary()),
     }
     for name in ROW_FIELDS:

@@ -235,18 +235,18 @@ def build_spec(model: type[SpecT], data: dict, overrides: dict | None = None, so
         raise SpecError(describe_validation(exc, source)) from None
 
 
-def read_spec_file(path: str | Path, kind: str, sections: str) -> dict:
-    """The mapping in a YAML spec file; `kind` ("job", "serve") and `sections` name what a valid file holds."""
+def read_spec_file(path: str | Path, what: str, sections: str) -> dict:
+    """The mapping in a YAML spec file; `what` ("job", "serve") and `sections` name what a valid file holds."""
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise SpecError(f"{path}: cannot read the {kind} file: {exc}") from None
+        raise SpecError(f"{path}: cannot read the {what} file: {exc}") from None
     if not isinstance(data, dict):
-        raise SpecError(f"{path}: a {kind} file is a mapping with {sections}")
+        raise SpecError(f"{path}: a {what} file is a mapping with {sections}")
     return data
 
 
-def load_spec_file(model: type[SpecT], path: str | Path | None, overrides: dict | None, kind: str,
+def load_spec_file(model: type[SpecT], path: str | Path | None, overrides: dict | None, what: str,
                    sections: str) -> SpecT:
-    data = read_spec_file(path, kind, sections) if path else {}
+    data = read_spec_file(path, what, sections) if path else {}
     return build_spec(model, data, overrides, str(path) if path else "command line")

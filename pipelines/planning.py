@@ -141,7 +141,7 @@ def resolve_config_dirs(model: str) -> tuple[Path, Path | None, str]:
         folder, quantization, with_assistant = PLAN_PRESETS[model]
         directory = PRESET_DIR / folder
         return directory, (directory / "assistant") if with_assistant else None, quantization
-    from pipelines.models import resolve
+    from pipelines.model_sources import resolve
 
     resolved = resolve(model)
     quantization = "compressed-tensors" if _checkpoint_quantized(resolved.path) else "none"

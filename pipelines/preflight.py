@@ -53,7 +53,7 @@ def check_cluster(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
 
 def check_local_model(model: ModelSpec, engine: EngineSpec) -> None:
     """The engine's extra and the model's files (the tokenizer's: cheap even from object storage) on this machine."""
-    from pipelines.models import load_tokenizer
+    from pipelines.model_sources import load_tokenizer
 
     if engine.kind == "vllm" and importlib.util.find_spec("vllm") is None:
         raise EngineUnavailable(

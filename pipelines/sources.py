@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 MANIFEST_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
 ROW_FIELDS = ("question", "prompt", "source_language", "target_language", "language")
 
-LISTING_SCHEMA_FIELDS = ("id", "uri", "kind", "data", *ROW_FIELDS, "max_soft_tokens")
+LISTING_SCHEMA_FIELDS = ("id", "uri", "container", "data", *ROW_FIELDS, "max_soft_tokens")
 
 
 @dataclass
@@ -86,11 +86,11 @@ def check_reachable(url: str, storage_options: dict | None = None) -> None:
 
 
 def iter_listing(spec: InputSpec, skipped: list[str] | None = None) -> Iterator[dict]:
-    """Listing rows (id, uri, kind) for files and tar shards, in a stable order within each directory.
+    """Listing rows (id, uri, container) for files and tar shards, in a stable order within each directory.
 
     Every file is listed (what it holds decides how it is read, and one that cannot be read is an error row),
     except, with `skip_unsupported`, files no extension or content check recognises: their ids go to `skipped`."""
-    kind = detect_format(spec)
+    input_format = detect_format(spec)
     fs, root = filesystem(spec.url, spec.storage_options)
     prefix = _protocol_prefix(fs, spec.url)
     if any(c in root for c in "*?["):
@@ -102,15 +102,15 @@ def iter_listing(spec: InputSpec, skipped: list[str] | None = None) -> Iterator[
         base, paths = root.rstrip("/"), _walk_files(fs, root.rstrip("/"))
     for path in paths:
         suffix = posixpath.splitext(path)[1].lower()
-        is_shard = suffix == ".tar" and kind != "files"
-        if not is_shard and kind == "tar":
+        is_shard = suffix == ".tar" and input_format != "files"
+        if not is_shard and input_format == "tar":
             continue
         relative = posixpath.relpath(path, base) if base else path
         if spec.skip_unsupported and not is_shard and suffix not in MEDIA_SUFFIXES and not _recognised(fs, path):
             if skipped is not None:
                 skipped.append(relative)
             continue
-        yield {"id": relative, "uri": prefix + path, "kind": "tar" if is_shard else "file"}
+        yield {"id": relative, "uri": prefix + path, "container": "tar" if is_shard else "file"}
 
 
 def _recognised(fs, path: str) -> bool:
@@ -171,7 +171,7 @@ def read_items(row: dict, storage_options: dict | None = None) -> Iterator[Item]
         yield Item(row.get("id") or stable_id(data), row.get("uri") or "inline", data, fields)
         return
     uri = row["uri"]
-    if row.get("kind") != "tar":
+    if row.get("container") != "tar":
         yield Item(row["id"] or uri, uri, None, fields, storage_options or {})
         return
     with fsspec.open(uri, "rb", **(storage_options or {})) as handle:

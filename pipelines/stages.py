@@ -22,8 +22,8 @@ from pipelines.errors import DecodeError, ItemError, is_fatal
 from pipelines.media.image import PATCH_DIM
 from pipelines.prepare import AUDIO, AudioRequests, check_modality, detect_modality, prepare_item
 from pipelines.prompts import Task, TaskOptions, parse_translation
-from pipelines.rows import FRAME, pack, unpack
-from pipelines.sinks import ERRORS, RESULTS, WINDOWS, OutputDir
+from pipelines.units import FRAME, pack, unpack
+from pipelines.output import ERRORS, RESULTS, WINDOWS, OutputDir
 
 RESULT_COLUMNS = {
     "id": "string", "item_id": "string", "source": "string", "task": "string", "text": "string",
@@ -93,7 +93,7 @@ def _columns(rows: list[dict]) -> dict:
 class Prepare:
     """listing/manifest rows -> prepared units (CPU). Skips units already in the output (`done` ids)."""
 
-    needs = ("id", "uri", "kind")
+    needs = ("id", "uri", "container")
     # One CPU and a memory reservation per task. Memory is what the model actors never ask for, so the two stages'
     # remote args differ and Ray Data keeps tokenization in its own CPU tasks instead of fusing it into the actors.
     # A worker holds about 430 MiB once torch and the tokenizer are imported; the worst decode measured (a 4-hour
@@ -112,7 +112,7 @@ class Prepare:
         return bool(index < len(done) and done[index] == unit_id)
 
     def tokenizer(self):
-        from pipelines.models import load_tokenizer  # cached per worker process
+        from pipelines.model_sources import load_tokenizer  # cached per worker process
 
         return load_tokenizer(self.job.model)
 
@@ -264,7 +264,7 @@ class Generate:
     needs = ("id", "item_id", "source", "task", "error", "error_stage", "request_ids")
 
     def __init__(self, job: JobSpec) -> None:
-        from pipelines.models import resolve
+        from pipelines.model_sources import resolve
 
         self.job = job
         self.task = Task(job.task.task)

@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import dataclass
 
-from pipelines.sinks import ERRORS, RESULTS, WINDOWS, OutputDir
+from pipelines.output import ERRORS, RESULTS, WINDOWS, OutputDir
 
 logger = logging.getLogger(__name__)
 

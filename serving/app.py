@@ -24,7 +24,7 @@ class Ingress:
     def __init__(self, spec: dict, model, key_digests: list[str]) -> None:
         from ray.serve import get_replica_context
 
-        from pipelines.models import load_tokenizer
+        from pipelines.model_sources import load_tokenizer
         from serving.metrics import Metrics
         from serving.model_client import ServeModelBackend
         from serving.router import build_api

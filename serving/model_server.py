@@ -45,7 +45,7 @@ def model_error(exc: BaseException) -> ModelError:
 
 def open_engine(spec: ServeSpec):
     """The engine EngineSpec.kind names; vLLM is imported only when chosen."""
-    from pipelines.models import resolve
+    from pipelines.model_sources import resolve
 
     model = resolve(spec.model)
     if spec.engine.kind == "vllm":

@@ -31,7 +31,7 @@ def _isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_dir(_isolated_cache):
-    from pipelines.models import tiny_dir as build
+    from pipelines.model_sources import tiny_dir as build
 
     return build()  # processor files, weights and the MTP assistant
 
@@ -45,7 +45,7 @@ def hf_processor(tiny_dir):
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_dir):
-    from pipelines.models import load_tokenizer
+    from pipelines.model_sources import load_tokenizer
 
     return load_tokenizer("tiny")
 

@@ -22,7 +22,7 @@ from jobs.demo.samples import document, make_images, speech
 from pipelines.batch import run
 from pipelines.config import InputSpec, JobSpec, MediaSpec, OutputSpec, ResourcesSpec, TaskSpec
 from pipelines.errors import StorageError
-from pipelines.sinks import SpecMismatch
+from pipelines.output import SpecMismatch
 
 pytestmark = pytest.mark.slow
 
@@ -303,7 +303,7 @@ def test_tokenization_is_not_fused_into_the_model_actors(ray_cluster, tmp_path, 
     from pipelines.batch import build
 
     spec = job(tmp_path, tmp_path / "out", CAPTION, resources={"cpus_per_replica": 1, "gpus_per_replica": 0})
-    listing = ray.data.from_items([{"id": "a", "uri": str(tmp_path / "a.png"), "kind": "image"}])
+    listing = ray.data.from_items([{"id": "a", "uri": str(tmp_path / "a.png"), "container": "file"}])
     build(spec, listing, None).explain()
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     operators = [line for line in optimized.splitlines() if "Prepare" in line or "Generate" in line]

@@ -12,5 +12,5 @@ def test_nested_folders_are_listed_in_a_stable_sorted_order(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     rows = list(iter_listing(InputSpec(url=str(tmp_path))))
     assert [row["id"] for row in rows] == ["0.jpg", "a/3.pdf", "a/z/9.wav", "b/1.png", "b/2.jpg", "b/c/4.flac"]
-    assert all(row["uri"] == str(tmp_path / row["id"]) and row["kind"] == "file" for row in rows)
+    assert all(row["uri"] == str(tmp_path / row["id"]) and row["container"] == "file" for row in rows)
     assert list(iter_listing(InputSpec(url=str(tmp_path) + "/"))) == rows

@@ -13,7 +13,7 @@ from pipelines.planning import kv_bytes_per_sequence, model_shape, plan
 @pytest.fixture(scope="module")
 def tiny_model(tiny_dir):
     from pipelines.config import ModelSpec
-    from pipelines.models import resolve
+    from pipelines.model_sources import resolve
 
     return resolve(ModelSpec(name="tiny", assistant="tiny"))  # the tiny drafter is opt-in
 

@@ -12,7 +12,7 @@ import soundfile as sf
 from PIL import Image
 
 from pipelines.config import InputSpec, JobSpec, OutputSpec, TaskSpec
-from pipelines.rows import unpack
+from pipelines.units import unpack
 from pipelines.sources import iter_listing
 from pipelines.stages import ERROR_COLUMNS, RESULT_COLUMNS, Prepare, Write
 

@@ -6,7 +6,7 @@ import json
 
 import pyarrow as pa
 
-from pipelines.sinks import ERRORS, RESULTS, WINDOWS, OutputDir
+from pipelines.output import ERRORS, RESULTS, WINDOWS, OutputDir
 from pipelines.stages import ERROR_COLUMNS, RESULT_COLUMNS, WINDOW_COLUMNS
 from pipelines.stitch import stitch_windows
 

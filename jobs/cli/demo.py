@@ -16,7 +16,7 @@ def make_tiny_model(
     seed: int = typer.Option(0, help="Random seed: the same seed gives the same weights."),
 ) -> None:
     """Write the tiny random Gemma 4 Unified checkpoint (model, MTP assistant, tokenizer, processor) to DIRECTORY."""
-    from pipelines.engines.tiny import build_tiny_model
+    from pipelines.engines.tiny_checkpoint import build_tiny_model
 
     path = build_tiny_model(directory, seed=seed)
     console.print(f"tiny Gemma 4 Unified written to {path} (assistant in {path / 'assistant'})")

@@ -28,7 +28,7 @@ def inspect_command(
     """Show what the model will see of each file: modality, sizes, patch grid, audio windows, token counts."""
     from jobs.media_report import describe, inspect_files
     from pipelines.config import MediaSpec
-    from pipelines.models import load_tokenizer
+    from pipelines.model_sources import load_tokenizer
     from pipelines.prompts import Task, TaskOptions
 
     options = TaskOptions(

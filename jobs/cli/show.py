@@ -21,7 +21,7 @@ def first_rows(url: str, folder: str, limit: int, storage_options: dict | None =
     """Up to `limit` rows of OUTPUT/folder and the folder's total row count (from the Parquet footers)."""
     import pyarrow.parquet as pq
 
-    from pipelines.sinks import OutputDir
+    from pipelines.output import OutputDir
 
     out = OutputDir(url, storage_options or {})
     rows, total = [], 0

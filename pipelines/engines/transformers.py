@@ -21,7 +21,7 @@ import numpy as np
 from pipelines.config import EngineSpec
 from pipelines.engines.base import GenerationResult, PreparedRequest, SamplingParams, check_fits
 from pipelines.errors import ModelSourceError
-from pipelines.models import ResolvedModel
+from pipelines.model_sources import ResolvedModel
 from pipelines.prompts import strip_thinking
 
 logger = logging.getLogger(__name__)

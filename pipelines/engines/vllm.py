@@ -34,7 +34,7 @@ from pipelines.engines.vllm_inputs import (
     to_vllm_sampling_kwargs,
 )
 from pipelines.errors import GenerationFailed, ItemError, ModelSourceError
-from pipelines.models import ResolvedModel
+from pipelines.model_sources import ResolvedModel
 
 log = logging.getLogger(__name__)
 

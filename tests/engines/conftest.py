@@ -11,7 +11,7 @@ from PIL import Image
 @pytest.fixture(scope="session")
 def tiny_model(tiny_dir):
     from pipelines.config import ModelSpec
-    from pipelines.models import resolve
+    from pipelines.model_sources import resolve
 
     return resolve(ModelSpec(name="tiny", assistant="tiny"))
 

@@ -147,7 +147,7 @@ def test_decode_strips_thinking_blocks(plain_engine, tokenizer):
 def test_tiny_model_is_deterministic_for_a_seed(tmp_path):
     from safetensors.numpy import load_file
 
-    from pipelines.engines.tiny import build_tiny_model
+    from pipelines.engines.tiny_checkpoint import build_tiny_model
 
     a = load_file(build_tiny_model(tmp_path / "a", seed=5) / "model.safetensors")
     b = load_file(build_tiny_model(tmp_path / "b", seed=5) / "model.safetensors")

@@ -207,9 +207,9 @@ def _vllm_and_cuda() -> bool:
 @pytest.mark.skipif(not _vllm_and_cuda(), reason="needs vllm and a CUDA GPU")
 def test_vllm_engine_runs_the_tiny_model(tmp_path):
     """Smoke test on the random tiny checkpoint: the output is noise, the plumbing is what is checked."""
-    from pipelines.engines.tiny import build_tiny_model
+    from pipelines.engines.tiny_checkpoint import build_tiny_model
     from pipelines.engines.vllm import VLLMEngine
-    from pipelines.models import ResolvedModel
+    from pipelines.model_sources import ResolvedModel
 
     directory = build_tiny_model(tmp_path / "tiny")
     model = ResolvedModel(name="tiny", path=directory, assistant_path=None)

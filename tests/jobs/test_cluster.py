@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from jobs.cli.cluster import jobs_app, submit
 from jobs.demo.samples import make_samples
-from pipelines.sinks import ERRORS, RESULTS, OutputDir
+from pipelines.output import ERRORS, RESULTS, OutputDir
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from jobs.demo.samples import make_samples
 from jobs.scheduler import Scheduler
 from jobs.schedules import Schedule, ScheduleEntry
 from jobs.job_files import build_job
-from pipelines.sinks import ERRORS, RESULTS, OutputDir
+from pipelines.output import ERRORS, RESULTS, OutputDir
 
 pytestmark = pytest.mark.slow
 

@@ -85,7 +85,7 @@ def test_batch_prepare_gives_every_file_one_unit_or_error_row(media, crashing_sn
     job = JobSpec(input=InputSpec(url=str(media)), task=TaskSpec(task="transcribe", language="English"),
                   output=OutputSpec(url=str(tmp_path / "out")))
     names = sorted(p.name for p in media.iterdir())
-    batch = {"id": names, "uri": [str(media / n) for n in names], "kind": ["file"] * len(names)}
+    batch = {"id": names, "uri": [str(media / n) for n in names], "container": ["file"] * len(names)}
     rows = {key: [] for key in ("id", "item_id", "error", "error_stage", "window_total")}
     for part in Prepare(job)(batch):
         for key in rows:

@@ -18,7 +18,7 @@ vllm_platforms._current_platform = CpuPlatform()
 
 from pipelines.config import EngineSpec, ModelSpec  # noqa: E402
 from pipelines.engines.vllm_inputs import SPECULATIVE_METHOD, engine_kwargs  # noqa: E402
-from pipelines.models import resolve  # noqa: E402
+from pipelines.model_sources import resolve  # noqa: E402
 
 QUANTIZATIONS = typing.get_args(EngineSpec.model_fields["quantization"].annotation)
 DTYPES = typing.get_args(EngineSpec.model_fields["dtype"].annotation)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipelines.engines.base import PreparedRequest, SamplingParams
-from pipelines.rows import pack, unpack
+from pipelines.units import pack, unpack
 
 
 def test_sampling_options_round_trip():

@@ -55,7 +55,7 @@ def _build_once(directory: Path, build) -> Path:
 
 def tiny_dir(seed: int = 0) -> Path:
     """The tiny model's directory (processor, weights, assistant/), built on first use."""
-    from pipelines.engines.tiny import TINY_REVISION, build_tiny_model
+    from pipelines.engines.tiny_checkpoint import TINY_REVISION, build_tiny_model
 
     # The revision is in the name so that a cache built by an older release is not reused.
     directory = cache_root() / f"tiny-r{TINY_REVISION}-seed{seed}"

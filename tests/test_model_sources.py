@@ -8,7 +8,7 @@ import pytest
 
 from pipelines.config import ModelSpec
 from pipelines.errors import ModelSourceError
-from pipelines.models import resolve
+from pipelines.model_sources import resolve
 
 
 def test_tiny_speculates_only_when_asked(tiny_dir):
@@ -96,7 +96,7 @@ def test_unreachable_model_storage_is_a_clear_error(monkeypatch, tmp_path):
 def test_tokenizer_from_object_storage_copies_no_weights(tiny_dir, s3_server, monkeypatch, tmp_path):
     import s3fs
 
-    from pipelines.models import load_tokenizer
+    from pipelines.model_sources import load_tokenizer
 
     storage = {"endpoint_url": s3_server, "key": "testing", "secret": "testing"}
     s3fs.S3FileSystem(**storage).put(str(tiny_dir), "models/tiny-tok", recursive=True)
