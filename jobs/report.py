@@ -12,9 +12,11 @@ from pipelines.batch import JobSummary
 def print_summary(summary: JobSummary, console: Console) -> None:
     table = Table(title=f"Job summary: {summary.output}", show_header=True)
     for column in ("items", "succeeded", "failed", "skipped (done before)", "items/s", "output tokens/s",
-                   "speculative acceptance"):
+                   "speculative acceptance", "engine busy", "mean batch"):
         table.add_column(column, justify="right")
     acceptance = "- (off)" if summary.acceptance is None else f"{summary.acceptance:.1%}"
+    busy = "-" if summary.busy_fraction is None else f"{summary.busy_fraction:.0%}"
+    batch = "-" if summary.mean_batch_size is None else f"{summary.mean_batch_size:.1f}"
     table.add_row(
         str(summary.total),
         str(summary.succeeded),
@@ -23,6 +25,8 @@ def print_summary(summary: JobSummary, console: Console) -> None:
         f"{summary.items_per_s:.2f}",
         f"{summary.tokens_per_s:.1f}",
         acceptance,
+        busy,
+        batch,
     )
     console.print(table)
     console.print(f"this run: {summary.run_succeeded} succeeded, {summary.run_failed} failed in {summary.wall_s:.1f}s")
