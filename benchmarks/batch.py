@@ -160,7 +160,8 @@ def main() -> None:
                           f"{count / run_s / bare_rate:.2f}x", busy, batch)
             table.add_row("", "pipeline, whole job", f"{summary.wall_s:.1f}", f"{count / summary.wall_s:.2f}",
                           f"{count / summary.wall_s / bare_rate:.2f}x", busy, batch)
-            console.print(f"{new_tokens} new tokens: first result after {summary.timings.get('first_result_s', 0):.1f} s "
+            first = summary.timings.get("first_result_s", 0)
+            console.print(f"{new_tokens} new tokens: first result after {first:.1f} s "
                           "(Ray start-up, listing, worker imports and the model actor's load)")
             import ray
 

@@ -3,8 +3,8 @@
 Two modes over one replica's GPU: `online=False` holds a `vllm.LLM` (`generate()` hands a whole batch to vLLM's
 scheduler); `online=True` holds an `AsyncLLM` on a private event loop thread, so `agenerate()`, `generate()` and
 `stream()` can be called from any thread or loop. The replica runtime (pipelines/replica.py) opens the online mode
-for batch jobs and the endpoint alike and hands it every request as it arrives. Text is decoded from the token ids exactly as the
-transformers engine does (no thinking blocks, no special tokens).
+for batch jobs and the endpoint alike and hands it every request as it arrives. Text is decoded from the token ids
+exactly as the transformers engine does (no thinking blocks, no special tokens).
 
 A completion that ends with finish_reason "error" (vLLM's retryable internal failure) is run once more; if it fails
 again it is a GenerationFailed (an error row in batch jobs, a 5xx online), never returned as text.
