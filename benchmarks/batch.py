@@ -4,12 +4,13 @@
 
 The bare loop reads, prepares and generates the same items in one process (batches of 8, all cores to torch). The
 pipeline runs the real Ray Data job (CPU prepare tasks overlapping one model actor with all cores to torch, several
-Ray Data batches in flight that the replica runtime re-batches). Each output length is a row pair: 16 new tokens
+Ray Data batches in flight that the replica runtime re-batches). Each output length is a group of rows: 16 new tokens
 (prepare-bound on few cores, goal >= 0.6x of the bare loop on 2 cores) and 128 (generation-bound, goal >= 0.9x).
 Items/s are reported over the model replica's span (its first unit to its last result: steady state, like the bare
 loop, whose model is loaded before its clock starts), without Ray's start-up and listing (the actor's start and
-model load included), and for the whole job. Engine busy: time generating / time from the first item to the last result; mean batch:
-requests per engine call. Driver memory is the peak RSS growth of this process while a job over N objects runs.
+model load included), and for the whole job. Engine busy: time generating / time from the first item to the last
+result; mean batch: requests per engine call. Driver memory is the peak RSS growth of this process while a job over
+N objects runs.
 """
 
 from __future__ import annotations
@@ -158,8 +159,8 @@ def main() -> None:
             bare_rate = count / bare_s
             run_s = summary.timings["run_s"]
             busy, batch = _share(summary.busy_fraction), _mean(summary.mean_batch_size)
-            table.add_row(str(new_tokens), "bare loop (one process, best of 2)", f"{bare_s:.1f}", f"{bare_rate:.2f}", "1.00x",
-                          _share(bare_busy), f"{args.batch}")
+            table.add_row(str(new_tokens), "bare loop (one process, best of 2)", f"{bare_s:.1f}", f"{bare_rate:.2f}",
+                          "1.00x", _share(bare_busy), f"{args.batch}")
             table.add_row("", "pipeline, excluding Ray start-up and listing", f"{run_s:.1f}", f"{count / run_s:.2f}",
                           f"{count / run_s / bare_rate:.2f}x", busy, batch)
             span_s = summary.engine["span_s"]  # one replica: its first unit to its last result
