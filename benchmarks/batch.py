@@ -3,7 +3,7 @@
     python benchmarks/batch.py [--items 300] [--new-tokens 16 128] [--memory-items 300 3000 | --no-memory]
 
 The bare loop reads, prepares and generates the same items in one process (batches of 8, all cores to torch). The
-pipeline runs the real Ray Data job (CPU prepare tasks overlapping one model actor with all cores to torch, several
+pipeline runs the real Ray Data job (CPU prepare tasks on one core overlapping one model actor on the others, several
 Ray Data batches in flight that the replica runtime re-batches). Each output length is a group of rows: 16 new tokens
 (prepare-bound on few cores, goal >= 0.6x of the bare loop on 2 cores) and 128 (generation-bound, goal >= 0.9x).
 Items/s are reported over the model replica's span (its first unit to its last result: steady state, like the bare
@@ -107,15 +107,15 @@ def pipeline(directory: Path, output: Path, task: TaskSpec, media: MediaSpec, ba
 
     shutil.rmtree(output, ignore_errors=True)
     cores = os.cpu_count() or 1
-    # The model actor gets every core for torch, like the bare loop; one more logical CPU lets prepare tasks run
-    # beside it (they overlap with generation instead of waiting for a free core in Ray's accounting).
+    # Prepare tasks get one core and the model actor the others (torch threads = its CPUs): prepare then overlaps
+    # with generation instead of contending with torch's threads for the same cores.
     job = JobSpec(
         input=InputSpec(url=str(directory)),
         task=task,
         media=media,
         engine={"speculative": False, "max_batch_size": batch},
-        resources=ResourcesSpec(batch_size=batch, num_cpus=cores + 1, cpus_per_replica=cores, object_store_mb=1024,
-                                items_per_prepare_task=32),
+        resources=ResourcesSpec(batch_size=batch, num_cpus=cores, cpus_per_replica=max(1, cores - 1),
+                                object_store_mb=1024, items_per_prepare_task=32),
         output=OutputSpec(url=str(output)),
     )
     with PeakRss() as memory:
