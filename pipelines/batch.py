@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -13,8 +14,9 @@ from datetime import datetime, timezone
 from pipelines.cluster import connect as join_or_start
 from pipelines.config import JobSpec
 from pipelines.errors import FatalEngineError, explain
-from pipelines.preflight import check_local_model, cluster_address
 from pipelines.output import ERRORS, RESULTS, OutputDir
+from pipelines.preflight import check_local_model, cluster_address
+from pipelines.replica import REPLICA_STATS, aggregate
 from pipelines.sources import check_reachable, detect_format, iter_listing
 from pipelines.stitch import stitch_windows
 
@@ -40,6 +42,7 @@ class JobSummary:
     spec_accepted: int = 0
     wall_s: float = 0.0
     timings: dict = field(default_factory=dict)
+    engine: dict = field(default_factory=dict)  # the replica runtime's statistics, see pipelines.replica.aggregate
 
     @property
     def items_per_s(self) -> float:
@@ -52,6 +55,14 @@ class JobSummary:
     @property
     def acceptance(self) -> float | None:
         return self.spec_accepted / self.spec_drafted if self.spec_drafted else None
+
+    @property
+    def busy_fraction(self) -> float | None:
+        return self.engine.get("busy_fraction")
+
+    @property
+    def mean_batch_size(self) -> float | None:
+        return self.engine.get("mean_batch_size")
 
 
 def connect(job: JobSpec) -> None:
@@ -173,16 +184,21 @@ def build(job: JobSpec, dataset, done_ref, generate_stage=None):
     )
     # A fatal engine error ends the actor's process: Ray Data starts a replacement (up to max_replica_restarts) and
     # retries the batches that were in flight on it (its default max_task_retries is -1 while restarts are allowed).
+    # Generate's __call__ is async: each actor runs max_concurrent_batches batches at once (Ray's max_concurrency,
+    # and as many tasks in flight per actor to fill it), as ray.data.llm's engine stage does.
     with warnings.catch_warnings():
-        # Ray 2.60 sets an actor's max_restarts only through map_batches' extra remote args, which it reports as
-        # deprecated (removed in 2.64: pyproject.toml bounds Ray below it).
+        # Ray 2.60 sets an actor's max_restarts and max_concurrency only through map_batches' extra remote args,
+        # which it reports as deprecated (removed in 2.64: pyproject.toml bounds Ray below it).
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
         generated = prepared.map_batches(
             generate_stage or Generate,
             fn_constructor_args=(job,),
-            max_restarts=resources.max_replica_restarts,  # a Ray remote arg: Ray 2.60 has no named parameter for it
+            max_restarts=resources.max_replica_restarts,
+            max_concurrency=resources.max_concurrent_batches,
             batch_size=resources.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=resources.replicas),
+            compute=ray.data.ActorPoolStrategy(
+                size=resources.replicas, max_tasks_in_flight_per_actor=resources.max_concurrent_batches
+            ),
             num_gpus=gpus,
             num_cpus=resources.cpus_per_replica,
             resources=resources.replica_resources or None,
@@ -242,8 +258,14 @@ def _run(job: JobSpec, out: OutputDir, previous: dict, header: dict, progress: b
     timings = {"setup_s": time.perf_counter() - started}
     summary = JobSummary(output=out.url, fingerprint=header["fingerprint"], skipped=len(done))
     out.clear_replica_failures()
+    replicas: dict[str, dict] = {}  # the latest statistics of each model replica
     try:
         for batch in build(job, dataset, done_ref, generate_stage).iter_batches(batch_size=None, batch_format="numpy"):
+            for snapshots in batch[REPLICA_STATS]:
+                for snapshot in json.loads(snapshots):
+                    seen = replicas.get(snapshot["replica"])
+                    if seen is None or snapshot["span_s"] >= seen["span_s"]:
+                        replicas[snapshot["replica"]] = snapshot
             timings.setdefault("first_result_s", time.perf_counter() - started)  # start-up, model load included
             summary.run_succeeded += int(np.sum(batch["succeeded"]))
             summary.run_failed += int(np.sum(batch["failed"]))
@@ -266,6 +288,7 @@ def _run(job: JobSpec, out: OutputDir, previous: dict, header: dict, progress: b
     summary.run_succeeded += clips.succeeded
     summary.run_failed += clips.failed
     summary.skipped_unsupported = len(unsupported)
+    summary.engine = aggregate(list(replicas.values()))
     summary.wall_s = time.perf_counter() - started
     timings["run_s"] = summary.wall_s - timings["setup_s"]
     summary.timings = timings
@@ -287,6 +310,7 @@ def _run(job: JobSpec, out: OutputDir, previous: dict, header: dict, progress: b
                        "speculative_acceptance": summary.acceptance},
         "tokens": {"prompt": summary.prompt_tokens, "output": summary.output_tokens,
                    "spec_drafted": summary.spec_drafted, "spec_accepted": summary.spec_accepted},
+        "engine": summary.engine,
         "timings": timings,
         "runs": previous.get("runs", 0) + 1,
     })

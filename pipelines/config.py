@@ -65,7 +65,12 @@ class EngineSpec(Strict):
         "capability >= 8.9), bnb-8bit / bnb-4bit (transformers with bitsandbytes only: vLLM has no bitsandbytes "
         "route for this model), compressed-tensors (the QAT w4a16 checkpoint, vllm).",
     )
-    speculative: bool = Field(True, description="Use the MTP assistant when the model has one.")
+    speculative: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Speculative decoding with the MTP assistant, when the model has one: `on`, `off`, or `auto` "
+        "(vLLM always speculates; the transformers engine speculates when a single request is waiting and batches "
+        "otherwise, since its assisted generation runs one request at a time). `true` / `false` mean on / off.",
+    )
     num_speculative_tokens: int = Field(
         3,
         ge=1,
@@ -77,6 +82,18 @@ class EngineSpec(Strict):
     max_model_len: int = Field(8192, ge=256, le=262_144, description="Prompt plus output tokens per request.")
     gpu_memory_utilization: float = Field(0.90, gt=0.1, le=0.99, description="vLLM's share of GPU memory.")
     max_images_per_prompt: int = Field(8, ge=0, le=64, description="vLLM limit_mm_per_prompt for images.")
+
+    @field_validator("speculative", mode="before")
+    @classmethod
+    def _speculative_aliases(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return value
+
+    @property
+    def speculates(self) -> bool:
+        """Whether the assistant is loaded at all (`auto` or `on`)."""
+        return self.speculative != "off"
 
     @model_validator(mode="after")
     def _engine_supports_quantization(self) -> "EngineSpec":
@@ -151,6 +168,11 @@ class ResourcesSpec(Strict):
     address: str | None = Field(None, description="Ray cluster address; RAY_ADDRESS or a new local instance if unset.")
     replicas: int = Field(1, ge=1, le=1024, description="Model actors (one model replica each).")
     batch_size: int = Field(8, ge=1, le=4096, description="Units handed to a model actor per call.")
+    max_concurrent_batches: int = Field(
+        4, ge=1, le=256,
+        description="Ray Data batches in flight per model actor: the replica runtime re-batches their requests so "
+        "the engine always has a full batch waiting (like ray.data.llm's max_concurrent_batches).",
+    )
     gpus_per_replica: float | None = Field(
         None, ge=0, le=8, description="GPUs per model actor; default 1 when the cluster has GPUs, else 0."
     )

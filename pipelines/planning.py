@@ -170,7 +170,7 @@ def plan(
     # The same validation as a job or serve spec: refuses vllm + bitsandbytes with the spec's message.
     spec = EngineSpec(kind=engine, quantization=quantization, max_model_len=max_model_len, speculative=speculative)
     target = model_shape(target_dir)
-    assistant = model_shape(assistant_dir) if (assistant_dir is not None and spec.speculative) else None
+    assistant = model_shape(assistant_dir) if (assistant_dir is not None and spec.speculates) else None
     weights = weight_bytes(target, quantization)
     assistant_bytes = weight_bytes(assistant, "none") if assistant else 0.0
     per_sequence = kv_bytes_per_sequence(target, max_model_len)

@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-import traceback
 from dataclasses import replace
 from typing import Iterator
 
@@ -18,12 +17,13 @@ import numpy as np
 
 from pipelines.config import JobSpec, MediaSpec
 from pipelines.engines.base import GenerationResult, SamplingParams
-from pipelines.errors import DecodeError, ItemError, is_fatal
+from pipelines.errors import DecodeError, ItemError
 from pipelines.media.image import PATCH_DIM
+from pipelines.output import ERRORS, RESULTS, WINDOWS, OutputDir
 from pipelines.prepare import AUDIO, AudioRequests, check_modality, detect_modality, prepare_item
 from pipelines.prompts import Task, TaskOptions, parse_translation
+from pipelines.replica import REPLICA_STATS
 from pipelines.units import FRAME, pack, unpack
-from pipelines.output import ERRORS, RESULTS, WINDOWS, OutputDir
 
 RESULT_COLUMNS = {
     "id": "string", "item_id": "string", "source": "string", "task": "string", "text": "string",
@@ -259,12 +259,16 @@ def _scalar(value):
 
 
 class Generate:
-    """prepared units -> result (or error) rows. One model replica per actor."""
+    """prepared units -> result (or error) rows. One model replica per actor, fed by several batches at once.
+
+    `__call__` is async: Ray Data keeps `resources.max_concurrent_batches` batches in flight on each actor, and the
+    replica runtime (pipelines/replica.py) merges their requests into full engine batches.
+    """
 
     needs = ("id", "item_id", "source", "task", "error", "error_stage", "request_ids")
 
     def __init__(self, job: JobSpec) -> None:
-        from pipelines.model_sources import resolve
+        from pipelines.replica import Replica
 
         self.job = job
         self.task = Task(job.task.task)
@@ -272,19 +276,16 @@ class Generate:
         import torch
 
         torch.set_num_threads(threads)
-        self.engine = self.make_engine(resolve(job.model))
+        self.engine = self.make_engine(job.model)
+        self.replica = Replica(self.engine, job.engine, on_fatal=self._replace_replica)
         self.model_name = job.model.name
 
     def make_engine(self, model):
-        if self.job.engine.kind == "vllm":
-            from pipelines.engines.vllm import VLLMEngine
+        from pipelines.replica import open_engine
 
-            return VLLMEngine(model, self.job.engine)
-        from pipelines.engines.transformers import TransformersEngine
+        return open_engine(model, self.job.engine)
 
-        return TransformersEngine(model, self.job.engine)
-
-    def __call__(self, batch: dict) -> dict:
+    async def __call__(self, batch: dict) -> dict:
         _require(batch, self.needs, "generate")
         rows = [{key: _scalar(values[i]) for key, values in batch.items()} for i in range(len(batch["id"]))]
         outputs: list[dict] = [None] * len(rows)  # type: ignore[list-item]
@@ -295,7 +296,9 @@ class Generate:
             else:
                 live.append(index)
         units = {index: unpack(rows[index]) for index in live}
-        results = self._generate_all([r for index in live for r in units[index]])
+        requests = [r for index in live for r in units[index]]
+        outcomes = await self.replica.submit_all(requests)
+        results = {r.id: _outcome(o) for r, o in zip(requests, outcomes)}
         for index in live:
             row, requests = rows[index], units[index]
             failed = [results[r.id] for r in requests if isinstance(results[r.id], str)]
@@ -303,32 +306,11 @@ class Generate:
                 outputs[index] = _error_row(row, "generate", "; ".join(failed))
             else:
                 outputs[index] = self._result_row(row, [results[r.id] for r in requests])
-        return _result_table(outputs)
+        table = _result_table(outputs)
+        stats = json.dumps(self.replica.stats().as_dict())
+        return table.append_column(REPLICA_STATS, _strings([stats] * table.num_rows))
 
-    def _generate_all(self, requests) -> dict:
-        """Generate a whole batch at once; if that fails, one request at a time, so one bad request fails alone.
-
-        A fatal error (out of memory, a dead engine) is no request's fault: the replica is replaced instead.
-        """
-        try:
-            return {r.id: r for r in self.engine.generate(requests)}
-        except Exception as exc:
-            if is_fatal(exc):
-                self._replace_replica(exc)
-            logger.warning("a batch of %d failed (%s: %s); generating one by one to find the bad request",
-                           len(requests), type(exc).__name__, exc)
-        outcome: dict = {}
-        for request in requests:
-            try:
-                outcome[request.id] = self.engine.generate([request])[0]
-            except Exception as exc:
-                if is_fatal(exc):
-                    self._replace_replica(exc)
-                message = exc.message if isinstance(exc, ItemError) else f"{type(exc).__name__}: {exc}"
-                outcome[request.id] = message or traceback.format_exc(limit=1)
-        return outcome
-
-    def _replace_replica(self, exc: Exception) -> None:
+    def _replace_replica(self, exc: BaseException) -> None:
         """Exit the actor process: Ray starts a replacement (up to `max_replica_restarts`) and retries its units."""
         cause = f"{type(exc).__name__}: {exc}"
         logger.error("fatal engine error, this model replica exits to be replaced: %s", cause)
@@ -364,6 +346,20 @@ class Generate:
             "spec_accepted": sum(r.spec_accepted or 0 for r in results) if drafted else None,
             "error": None, "error_stage": None, "window_total": _window_total(row),
         }
+
+
+def _outcome(outcome) -> GenerationResult | str:
+    """A result, or the request's error as the message its error row carries."""
+    if not isinstance(outcome, BaseException):
+        return outcome.result
+    message = outcome.message if isinstance(outcome, ItemError) else f"{type(outcome).__name__}: {outcome}"
+    return message or type(outcome).__name__
+
+
+def _strings(values: list[str]):
+    import pyarrow as pa
+
+    return pa.array(values, pa.string())
 
 
 def _error_row(row: dict, stage: str, message: str) -> dict:
@@ -414,6 +410,10 @@ class Write:
         def total(column: str) -> int:
             return int(pc.sum(generated.column(column)).as_py() or 0)
 
+        replica_stats = []
+        if REPLICA_STATS in table.column_names:
+            replica_stats = [json.loads(v) for v in pc.unique(table.column(REPLICA_STATS)).to_pylist() if v]
+
         return {
             "succeeded": np.array([ok.num_rows]),
             "failed": np.array([bad.num_rows]),
@@ -421,4 +421,5 @@ class Write:
             "prompt_tokens": np.array([total("prompt_tokens")]),
             "spec_drafted": np.array([total("spec_drafted")]),
             "spec_accepted": np.array([total("spec_accepted")]),
+            REPLICA_STATS: np.array([json.dumps(replica_stats)]),
         }

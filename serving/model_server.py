@@ -1,4 +1,4 @@
-"""The model deployment: one engine per replica, micro-batched generation and token streaming.
+"""The model deployment: an adapter over the replica runtime (pipelines/replica.py) plus token streaming.
 
 Answers are plain data (`ModelReply`, stream events as dicts) rather than raised exceptions, so that a bad request
 reaches the ingress as its own error with its status, whatever Ray does to exceptions crossing processes.
@@ -6,15 +6,14 @@ reaches the ingress as its own error with its status, whatever Ray does to excep
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 from pipelines.engines.base import GenerationResult, PreparedRequest, check_fits
-from pipelines.errors import ItemError, explain
-from serving.batcher import MicroBatcher
+from pipelines.errors import FatalEngineError, ItemError, explain
+from pipelines.replica import Replica, open_engine
 from serving.spec import ServeSpec
 from serving.stops import StopScanner
 
@@ -40,21 +39,9 @@ class ModelReply:
 def model_error(exc: BaseException) -> ModelError:
     if isinstance(exc, ItemError):
         return ModelError(exc.http_status, str(exc), getattr(exc, "code", "invalid_request"))
+    if isinstance(exc, FatalEngineError):  # this replica is failing its health check: Serve replaces it
+        return ModelError(503, str(exc), "model_unavailable")
     return ModelError(500, f"the model failed: {type(exc).__name__}: {exc}", "model_error")
-
-
-def open_engine(spec: ServeSpec):
-    """The engine EngineSpec.kind names; vLLM is imported only when chosen."""
-    from pipelines.model_sources import resolve
-
-    model = resolve(spec.model)
-    if spec.engine.kind == "vllm":
-        from pipelines.engines.vllm import VLLMEngine
-
-        return VLLMEngine(model, spec.engine, online=True)
-    from pipelines.engines.transformers import TransformersEngine
-
-    return TransformersEngine(model, spec.engine)
 
 
 class ModelServer:
@@ -67,7 +54,7 @@ class ModelServer:
         started = time.perf_counter()
         self.load_error: str | None = None
         try:
-            self.engine = engine if engine is not None else open_engine(self.spec)
+            self.engine = engine if engine is not None else open_engine(self.spec.model, self.spec.engine)
         except Exception as exc:  # noqa: BLE001 - kept as this replica's state, see below
             # A model that cannot load (missing files, missing extra) will not load on a retry either: the replica
             # stays up and says why, in its log, in /health/ready and in every answer, rather than Serve's bare
@@ -76,10 +63,10 @@ class ModelServer:
             self.load_error = f"the model {self.spec.model_id!r} could not load: {explain(exc)}"
             log.error("%s", self.load_error)
         self.load_s = time.perf_counter() - started
-        # vLLM schedules concurrent requests itself; the transformers engine needs them handed over together.
-        self.own_batching = self.spec.engine.kind == "vllm"
-        self.batcher: MicroBatcher[PreparedRequest, GenerationResult] = MicroBatcher(
-            self._run_batch,
+        # Concurrent requests become full engine batches (transformers), or go straight into vLLM's scheduler.
+        self.replica = Replica(
+            self.engine,
+            self.spec.engine,
             max_batch_size=self.spec.batching.max_batch_size,
             max_wait_s=self.spec.batching.batch_wait_timeout_s,
         )
@@ -91,34 +78,12 @@ class ModelServer:
         if self.load_error:
             return ModelReply(error=ModelError(503, self.load_error, "model_not_loaded"))
         try:
-            if self.own_batching:
-                (result,) = await asyncio.to_thread(self.engine.generate, [request])
-                reply = ModelReply(result=result)
-            else:
-                batched = await self.batcher.submit(request)
-                reply = ModelReply(result=batched.value, batch_size=batched.batch_size, queued_s=batched.queued_s)
+            scheduled = await self.replica.submit(request)
+            reply = ModelReply(result=scheduled.result, batch_size=scheduled.batch_size, queued_s=scheduled.queued_s)
         except Exception as exc:  # noqa: BLE001 - becomes the request's error answer
             reply = ModelReply(error=model_error(exc))
         reply.replica_s = time.perf_counter() - started
         return reply
-
-    async def _run_batch(self, requests: list[PreparedRequest]) -> list:
-        return await asyncio.to_thread(self._generate_isolated, requests)
-
-    def _generate_isolated(self, requests: list[PreparedRequest]) -> list:
-        """One engine call for the batch; if it fails, one call per request so a bad request fails alone."""
-        try:
-            return self.engine.generate(requests)
-        except Exception:  # noqa: BLE001
-            if len(requests) == 1:
-                raise
-        outcomes: list = []
-        for request in requests:
-            try:
-                outcomes.append(self.engine.generate([request])[0])
-            except Exception as exc:  # noqa: BLE001
-                outcomes.append(exc)
-        return outcomes
 
     # ---- streaming ----
 
@@ -159,8 +124,10 @@ class ModelServer:
     async def ready(self) -> dict:
         if self.load_error:
             return {"model": self.spec.model_id, "error": self.load_error}
-        return {"model": self.spec.model_id, "load_s": round(self.load_s, 3), "queue_depth": self.batcher.depth}
+        return {"model": self.spec.model_id, "load_s": round(self.load_s, 3), "queue_depth": self.replica.depth}
 
     def check_health(self) -> None:
+        if self.engine is not None and not self.replica.healthy:
+            raise RuntimeError(f"the model replica failed: {self.replica.fatal}")
         if self.engine is not None and not self.engine.health():
             raise RuntimeError("the engine is not healthy")

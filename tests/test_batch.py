@@ -83,6 +83,20 @@ def test_caption_with_bad_items_as_error_rows(ray_cluster, tmp_path):
     manifest = json.loads((tmp_path / "out" / "_job.json").read_text())
     assert manifest["counts"] == {"total": 6, "succeeded": 3, "failed": 3}
     assert manifest["fingerprint"] == summary.fingerprint and manifest["status"] == "partial"
+    engine = manifest["engine"]  # the replica runtime's statistics: error rows never reach the engine
+    assert engine["replicas"] == 1 and engine["requests"] == 3
+    assert 0 < engine["busy_fraction"] <= 1 and engine["mean_batch_size"] >= 1
+    assert summary.busy_fraction == engine["busy_fraction"]
+
+
+def test_ray_data_batches_in_flight_are_merged_into_larger_engine_batches(ray_cluster, tmp_path):
+    source = tmp_path / "in"
+    make_images(source, 12)
+    spec = job(source, tmp_path / "out", CAPTION, resources={"batch_size": 1, "max_concurrent_batches": 4})
+    summary = run(spec, progress=False)
+    assert summary.succeeded == 12 and read(tmp_path / "out", "errors") == []
+    # One unit per Ray Data batch, several batches in flight on the actor: the engine still ran fuller batches.
+    assert summary.engine["requests"] == 12 and summary.mean_batch_size > 1
 
 
 def test_transcribe_long_audio_is_stitched_in_order(ray_cluster, tmp_path):

@@ -34,9 +34,10 @@ def run(
     prompt: Optional[str] = typer.Option(None, help="prompt: the instruction for every item."),
     max_soft_tokens: Optional[int] = typer.Option(None, help="Image token budget: 70, 140, 280, 560 or 1120."),
     replicas: Optional[int] = typer.Option(None, help="Model actors (one replica each)."),
-    batch_size: Optional[int] = typer.Option(None, help="Units per model call."),
+    batch_size: Optional[int] = typer.Option(None, help="Units per Ray Data batch handed to a model actor."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or local)."),
-    speculative: Optional[bool] = typer.Option(None, "--speculative/--no-speculative", help="Use the MTP assistant."),
+    speculative: Optional[bool] = typer.Option(None, "--speculative/--no-speculative",
+                                               help="engine.speculative on / off (unset: the file's, default auto)."),
     retry_failed: Optional[bool] = typer.Option(None, "--retry-failed/--no-retry-failed",
                                                 help="On rerun, retry items in errors/ (default) or keep them."),
     storage_option: Optional[List[str]] = typer.Option(None, help="fsspec option KEY=VALUE for input and output."),
@@ -73,9 +74,11 @@ def print_summary(summary: JobSummary, console: Console) -> None:
     """The table a person reads at the end of a job, and where to look next."""
     table = Table(title=f"Job summary: {summary.output}", show_header=True)
     for column in ("items", "succeeded", "failed", "skipped (done before)", "items/s", "output tokens/s",
-                   "speculative acceptance"):
+                   "speculative acceptance", "engine busy", "mean batch"):
         table.add_column(column, justify="right")
     acceptance = "- (off)" if summary.acceptance is None else f"{summary.acceptance:.1%}"
+    busy = "-" if summary.busy_fraction is None else f"{summary.busy_fraction:.0%}"
+    batch = "-" if summary.mean_batch_size is None else f"{summary.mean_batch_size:.1f}"
     table.add_row(
         str(summary.total),
         str(summary.succeeded),
@@ -84,6 +87,8 @@ def print_summary(summary: JobSummary, console: Console) -> None:
         f"{summary.items_per_s:.2f}",
         f"{summary.tokens_per_s:.1f}",
         acceptance,
+        busy,
+        batch,
     )
     console.print(table)
     console.print(f"this run: {summary.run_succeeded} succeeded, {summary.run_failed} failed in {summary.wall_s:.1f}s")

@@ -15,7 +15,7 @@ def serve_command(
     host: Optional[str] = typer.Option(None, help="Address to bind (default 0.0.0.0)."),
     engine: Optional[str] = typer.Option(None, help="transformers or vllm."),
     speculative: Optional[bool] = typer.Option(None, "--speculative/--no-speculative",
-                                               help="Use the MTP assistant."),
+                                               help="engine.speculative on / off (unset: the file's, default auto)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or a local one)."),
     proxy: Optional[str] = typer.Option(None, help="serve (Ray Serve's HTTP proxy) or haproxy (experimental)."),
     num_cpus: Optional[int] = typer.Option(None, help="CPUs of a local Ray instance (default: all)."),

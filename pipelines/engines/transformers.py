@@ -2,7 +2,8 @@
 
 It consumes prepared rows directly (uint8 patches are rescaled on the device), batches requests of equal sampling
 settings sorted by length to limit padding, and runs speculative decoding with the MTP assistant one request at a
-time (transformers' assisted generation takes batch size 1).
+time (transformers' assisted generation takes batch size 1). With `speculative: auto` a group of one request
+speculates and a larger group is batched without the assistant; greedy output is the same either way.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class TransformersEngine:
             ).to(self.device).eval()
             self.assistant = None
             logger.info("loaded %s on %s (%s)", model.path, self.device, str(self.dtype).removeprefix("torch."))
-            if engine.speculative and model.assistant_path is not None:
+            if engine.speculates and model.assistant_path is not None:
                 from transformers import Gemma4UnifiedAssistantForCausalLM
 
                 self.assistant = Gemma4UnifiedAssistantForCausalLM.from_pretrained(
@@ -99,16 +100,22 @@ class TransformersEngine:
         results: dict[str, GenerationResult] = {}
         for request in requests:
             check_fits(request, self.spec.max_model_len)
-        speculative = self.assistant is not None
         ordered = sorted(requests, key=lambda r: (_sampling_key(r.sampling), r.prompt_tokens))
         with self._lock:
             for _, group in groupby(ordered, key=lambda r: _sampling_key(r.sampling)):
                 group = list(group)
+                speculative = self.speculates(len(group))
                 size = 1 if speculative else self.spec.max_batch_size
                 for start in range(0, len(group), size):
                     for result in self._generate_batch(group[start : start + size], speculative):
                         results[result.id] = result
         return [results[r.id] for r in requests]
+
+    def speculates(self, waiting: int) -> bool:
+        """Whether `waiting` requests of one sampling setting run speculatively (one at a time) or as a batch."""
+        if self.assistant is None:
+            return False
+        return self.spec.speculative == "on" or waiting == 1
 
     def _generate_batch(self, batch: list[PreparedRequest], speculative: bool) -> list[GenerationResult]:
         import torch

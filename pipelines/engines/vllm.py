@@ -1,9 +1,10 @@
 """The vLLM engine (GPU only, the `vllm` extra): prepared rows in, the same GenerationResult as the reference engine.
 
-Two modes over one replica's GPU: `online=False` holds a `vllm.LLM` (batch jobs: `generate()` hands the whole batch
-to vLLM's scheduler); `online=True` holds an `AsyncLLM` on a private event loop thread, so `generate()` and
-`stream()` can be called from any thread or loop (the endpoint). Text is decoded from the token ids exactly as the
-transformers engine does (no thinking blocks, no special tokens).
+Two modes over one replica's GPU: `online=False` holds a `vllm.LLM` (`generate()` hands a whole batch to vLLM's
+scheduler); `online=True` holds an `AsyncLLM` on a private event loop thread, so `agenerate()`, `generate()` and
+`stream()` can be called from any thread or loop. The replica runtime (pipelines/replica.py) opens the online mode
+for batch jobs and the endpoint alike and hands it every request as it arrives. Text is decoded from the token ids
+exactly as the transformers engine does (no thinking blocks, no special tokens).
 
 A completion that ends with finish_reason "error" (vLLM's retryable internal failure) is run once more; if it fails
 again it is a GenerationFailed (an error row in batch jobs, a 5xx online), never returned as text.
@@ -63,7 +64,7 @@ class VLLMEngine:
         self.model_name = model.name
         self.max_soft_tokens = max_soft_tokens
         self.online = online
-        self.speculative = engine.speculative and model.assistant_path is not None
+        self.speculative = engine.speculates and model.assistant_path is not None
         kwargs = engine_kwargs(engine, model.path, model.assistant_path, max_soft_tokens=max_soft_tokens)
         started = time.perf_counter()
         try:
@@ -129,6 +130,14 @@ class VLLMEngine:
         if len(requests) == 1 and before is not None and after is not None:
             spec = (after[0] - before[0], after[1] - before[1])
         return [self._result(r, out, latency, spec) for r, out in zip(requests, outputs)]
+
+    async def agenerate(self, request: PreparedRequest) -> GenerationResult:
+        """One request straight into the engine (online mode): vLLM's scheduler batches it with whatever runs."""
+        if not self.online:
+            return (await asyncio.to_thread(self.generate, [request]))[0]
+        prompt, params = self._inputs(request)
+        output, latency = await asyncio.wrap_future(self._submit(self._final(prompt, params, request.id)))
+        return self._result(request, output, latency, None)
 
     async def _final(self, prompt: dict, params, request_id: str):
         started = time.perf_counter()

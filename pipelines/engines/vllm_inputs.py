@@ -332,7 +332,7 @@ def engine_kwargs(
     if max_soft_tokens is not None:
         # Also sizes vLLM's encoder-cache profiling for this budget.
         kwargs["mm_processor_kwargs"] = {"max_soft_tokens": max_soft_tokens}
-    if engine.speculative and assistant_dir is not None:
+    if engine.speculates and assistant_dir is not None:
         kwargs["speculative_config"] = {
             "method": SPECULATIVE_METHOD,  # named, not guessed by vLLM from the drafter's path
             "model": str(assistant_dir),

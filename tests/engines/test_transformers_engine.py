@@ -110,6 +110,45 @@ def test_output_does_not_depend_on_the_batch(plain_engine, tokenizer, cases, png
         assert batched.output_token_ids == single.output_token_ids, batched.id
 
 
+def test_auto_speculation_gives_the_same_greedy_output_on_either_path(tiny_model, plain_engine, tokenizer, png_bytes):
+    """`auto` speculates a lone request and batches several without the assistant; the tokens are the same."""
+    import asyncio
+
+    from pipelines.config import EngineSpec
+    from pipelines.engines.transformers import TransformersEngine
+    from pipelines.replica import Replica
+
+    auto = TransformersEngine(tiny_model, EngineSpec(speculative="auto", num_speculative_tokens=4, max_batch_size=8))
+    assert auto.assistant is not None and auto.speculates(1) and not auto.speculates(2)
+    sampling = SamplingParams(max_new_tokens=16)
+    requests = []
+    for index, prompt in enumerate(["Hi.", "Tell me a story about a fox.", "Why?"]):
+        requests += _requests(tokenizer, b"context", TaskOptions(task=Task.prompt, prompt=prompt), sampling=sampling,
+                              item_id=f"t{index}")
+    requests += _requests(tokenizer, png_bytes, TaskOptions(task=Task.caption), sampling=sampling, item_id="img",
+                          name="a.png")
+    reference = {r.id: r.output_token_ids for r in plain_engine.generate(requests)}
+    alone = [auto.generate([r])[0] for r in requests]
+    batched = auto.generate(requests)
+    assert {r.id: r.output_token_ids for r in alone} == reference
+    assert {r.id: r.output_token_ids for r in batched} == reference
+    assert all(r.spec_drafted is not None and r.spec_drafted >= 1 for r in alone)  # the speculative path ran
+    assert all(r.spec_drafted is None for r in batched)  # the batched path ran
+
+    # Through the replica runtime: a lone request speculates, concurrent ones are batched; same tokens.
+    replica = Replica(auto, auto.spec)
+
+    async def scenario():
+        lone = await replica.submit(requests[0])
+        together = await replica.submit_all(requests)
+        return lone, together
+
+    lone, together = asyncio.run(scenario())
+    assert lone.result.output_token_ids == reference[requests[0].id] and lone.result.spec_drafted
+    assert {s.result.id: s.result.output_token_ids for s in together} == reference
+    assert replica.stats().spec_drafted >= lone.result.spec_drafted
+
+
 def test_seeded_sampling_is_reproducible_and_differs_from_greedy(plain_engine, tokenizer):
     sampled = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.95, top_k=64, seed=7)
     (request,) = _requests(tokenizer, b"x", TaskOptions(task=Task.prompt, prompt="Write."), sampling=sampled)

@@ -292,3 +292,26 @@ def test_tiny_checkpoint_carries_vllms_image_budget_field(tiny_model):
 
     config = json.loads((tiny_model.path / "config.json").read_text())
     assert config["vision_config"]["num_soft_tokens"] == DEFAULT_SOFT_TOKENS == 280
+
+
+def test_the_replica_runtime_hands_vllm_each_request_as_it_arrives(monkeypatch, tiny_model, tokenizer):
+    """Batch jobs and the endpoint open vLLM online; the runtime sends every request straight into it, concurrently."""
+    from pipelines.config import ModelSpec
+    from pipelines.replica import Replica, open_engine
+
+    _fake_vllm(monkeypatch)
+    monkeypatch.setattr("pipelines.model_sources.resolve", lambda spec: tiny_model)
+    engine = open_engine(ModelSpec(name="tiny"), EngineSpec(kind="vllm", max_model_len=4096, max_batch_size=2))
+    try:
+        assert engine.online
+        fake = _FakeAsyncLLM.instance
+        fake.completion = _ids(tokenizer, "Fine.")
+        replica = Replica(engine, engine.spec)
+        requests = [_text_request(tokenizer, f"r{i}") for i in range(5)]
+        outcomes = asyncio.run(replica.submit_all(requests))
+        assert [o.result.text for o in outcomes] == ["Fine."] * 5
+        assert sorted(r.split("-")[0] for r in fake.requests) == [f"r{i}" for i in range(5)]  # one engine request each
+        stats = replica.stats()
+        assert stats.requests == 5 and stats.batches == 5
+    finally:
+        engine.close()

@@ -10,7 +10,6 @@ import pytest
 
 from pipelines.errors import DecodeError, InvalidRequest, LimitExceeded
 from serving.auth import Authenticator, configured_digests
-from serving.batcher import MicroBatcher
 from serving.errors import APIError, from_item_error
 from serving.media_sources import MediaFetcher, decode_data_url
 from serving.spec import RemoteMediaSpec
@@ -143,50 +142,6 @@ def test_object_storage_through_fsspec(tmp_path, sample_png):
     assert fetcher._fetch_object("memory://bucket/a.png") == sample_png
     with pytest.raises(InvalidRequest, match="does not exist"):
         fetcher._fetch_object("memory://bucket/missing.png")
-
-
-# ---- micro-batching ----
-
-
-def test_batcher_runs_a_lone_request_at_once_and_batches_what_waits():
-    sizes: list[int] = []
-
-    async def run(items):
-        sizes.append(len(items))
-        await asyncio.sleep(0.05)
-        return [i * 10 if i != 3 else ValueError("bad item") for i in items]
-
-    async def scenario():
-        batcher = MicroBatcher(run, max_batch_size=4)
-        first = await batcher.submit(1)
-        assert (first.value, first.batch_size) == (10, 1)
-        outcomes = await asyncio.gather(*(batcher.submit(i) for i in range(10)), return_exceptions=True)
-        return outcomes
-
-    outcomes = asyncio.run(scenario())
-    assert isinstance(outcomes[3], ValueError)
-    assert [o.value for i, o in enumerate(outcomes) if i != 3] == [0, 10, 20, 40, 50, 60, 70, 80, 90]
-    assert sizes[0] == 1 and max(sizes) == 4 and sum(sizes) == 11
-
-
-def test_batcher_bounded_wait_collects_stragglers():
-    sizes: list[int] = []
-
-    async def run(items):
-        sizes.append(len(items))
-        return items
-
-    async def scenario():
-        batcher = MicroBatcher(run, max_batch_size=8, max_wait_s=0.2)
-
-        async def later(i):
-            await asyncio.sleep(0.02 * i)
-            return await batcher.submit(i)
-
-        return await asyncio.gather(*(later(i) for i in range(4)))
-
-    asyncio.run(scenario())
-    assert sizes == [4]
 
 
 # ---- stop strings over deltas ----
