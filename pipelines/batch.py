@@ -7,7 +7,6 @@ import logging
 import os
 import time
 import uuid
-import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -165,50 +164,14 @@ def _normalise_manifest(table):
 def build(job: JobSpec, dataset, done_ref, generate_stage=None):
     """The graph itself, separate from I/O set-up so tests and benchmarks can run it on any dataset (and a
     `Generate` subclass, e.g. one whose engine injects faults)."""
-    import ray
-    import ray.data
+    from pipelines.stages import Generate, Prepare, Write, map_batches
 
-    from pipelines.stages import Generate, Prepare, Write
-
-    resources = job.resources
-    gpus = resources.gpus_per_replica
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    prepare_compute = ray.data.TaskPoolStrategy(size=resources.prepare_concurrency) if resources.prepare_concurrency else None
-    # Prepare's remote args keep Ray from fusing it into the model actors (see Prepare.remote_args): tokenization
-    # runs in its own CPU tasks and overlaps with generation.
     # Small input blocks let many CPU tasks prepare in parallel and hand units to the model as they are ready.
-    dataset = dataset.repartition(target_num_rows_per_block=resources.items_per_prepare_task)
-    prepared = dataset.map_batches(
-        Prepare(job, done_ref), batch_size=None, compute=prepare_compute, **Prepare.remote_args
-    )
-    # A fatal engine error ends the actor's process: Ray Data starts a replacement (up to max_replica_restarts) and
-    # retries the batches that were in flight on it (its default max_task_retries is -1 while restarts are allowed).
-    # Generate's __call__ is async: each actor runs max_concurrent_batches batches at once (Ray's max_concurrency,
-    # and as many tasks in flight per actor to fill it), as ray.data.llm's engine stage does.
-    with warnings.catch_warnings():
-        # Ray 2.60 sets an actor's max_restarts and max_concurrency only through map_batches' extra remote args,
-        # which it reports as deprecated (removed in 2.64: pyproject.toml bounds Ray below it).
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
-        generated = prepared.map_batches(
-            generate_stage or Generate,
-            fn_constructor_args=(job,),
-            max_restarts=resources.max_replica_restarts,
-            max_concurrency=resources.max_concurrent_batches,
-            batch_size=resources.batch_size,
-            compute=ray.data.ActorPoolStrategy(
-                size=resources.replicas, max_tasks_in_flight_per_actor=resources.max_concurrent_batches
-            ),
-            num_gpus=gpus,
-            num_cpus=resources.cpus_per_replica,
-            resources=resources.replica_resources or None,
-        )
-    return generated.map_batches(
-        Write(job.output.url, job.output.storage_options),
-        batch_size=None,
-        batch_format="pyarrow",
-        num_cpus=0.25,
-    )
+    dataset = dataset.repartition(target_num_rows_per_block=job.resources.items_per_prepare_task)
+    prepared = map_batches(dataset, Prepare(job, done_ref), Prepare.resources(job))
+    generate = (generate_stage or Generate).for_job(job)
+    generated = map_batches(prepared, generate, generate.resources(job))
+    return map_batches(generated, Write(job.output.url, job.output.storage_options), Write.resources(job))
 
 
 def run(job: JobSpec, *, progress: bool = True, generate_stage=None) -> JobSummary:

@@ -16,6 +16,20 @@ from pipelines.errors import GemmaUnifiedError
 
 logger = logging.getLogger(__name__)
 
+RESULT_COLUMNS = {
+    "id": "string", "item_id": "string", "source": "string", "task": "string", "text": "string",
+    "transcript": "string", "translation": "string", "segments": "string", "pages": "string",
+    "prompt_tokens": "int64", "image_tokens": "int64", "audio_tokens": "int64", "output_tokens": "int64",
+    "finish_reason": "string", "model": "string", "latency_s": "float64",
+    "spec_drafted": "int64", "spec_accepted": "int64",
+}  # fmt: skip
+ERROR_COLUMNS = {"id": "string", "item_id": "string", "source": "string", "task": "string", "stage": "string",
+                 "error": "string"}  # fmt: skip
+# `window_total` is null for a whole unit; for one window of a long audio clip it is 0, or the clip's window count on
+# its last window. Window rows are staged and stitched into one row per clip after the run (pipelines/stitch.py).
+GENERATED_COLUMNS = {**RESULT_COLUMNS, "error": "string", "error_stage": "string", "window_total": "int64"}
+WINDOW_COLUMNS = GENERATED_COLUMNS
+
 RESULTS, ERRORS, MANIFEST = "results", "errors", "_job.json"
 WINDOWS = "_windows"  # staged rows of single audio windows, until their clip is whole (pipelines/stitch.py)
 REPLICA_FAILURES = "_work/replica-failures"  # one small JSON file per fatal engine error of this run
@@ -72,6 +86,30 @@ class OutputDir:
             with self.fs.open(part, "rb") as handle:
                 tables.append(pq.read_table(handle, columns=columns))
         return pa.concat_tables(tables) if tables else None
+
+    def write_generated(self, table) -> tuple[int, int]:
+        """Generated rows -> a results part and an errors part, or a staged part for single audio windows.
+
+        The part name is a hash of the rows' ids: a retried write replaces its own files instead of adding
+        duplicates. Returns (results written, errors written)."""
+        import hashlib
+
+        import pyarrow.compute as pc
+
+        name = hashlib.sha1("\n".join(sorted(table.column("id").to_pylist())).encode()).hexdigest()[:24]
+        is_window = pc.is_valid(table.column("window_total"))
+        windows = table.filter(is_window)
+        if windows.num_rows:
+            self.write_part(windows.select(list(WINDOW_COLUMNS)), f"{WINDOWS}/part-{name}.parquet")
+        whole = table.filter(pc.invert(is_window))
+        failed = pc.is_valid(whole.column("error"))
+        ok, bad = whole.filter(pc.invert(failed)), whole.filter(failed)
+        if ok.num_rows:
+            self.write_part(ok.select(list(RESULT_COLUMNS)), f"{RESULTS}/part-{name}.parquet")
+        if bad.num_rows:
+            errors = bad.select(["id", "item_id", "source", "task", "error_stage", "error"])
+            self.write_part(errors.rename_columns(list(ERROR_COLUMNS)), f"{ERRORS}/part-{name}.parquet")
+        return ok.num_rows, bad.num_rows
 
     def write_part(self, table, relative: str) -> None:
         """One Parquet part, published whole: a killed job never leaves half a file behind."""

@@ -33,7 +33,7 @@ def window_index(window_id: str) -> int:
 def stitch_windows(out: OutputDir) -> StitchCounts:
     import pyarrow as pa
 
-    from pipelines.stages import ERROR_COLUMNS, RESULT_COLUMNS
+    from pipelines.output import ERROR_COLUMNS, RESULT_COLUMNS
 
     counts = StitchCounts()
     old_parts = out.parts(WINDOWS)

@@ -17,6 +17,52 @@ from pipelines.media.image import PATCH_DIM
 
 FRAME = 640
 
+# The columns of a prepared unit, besides the arrays `pack` makes: where it comes from, what to do with it, and
+# `error`/`error_stage` (set, with empty arrays, when preparing it failed).
+UNIT_FIELDS = ("id", "item_id", "source", "task", "error", "error_stage", "segments_in", "pages", "window_total")
+UNIT_ARRAYS = ("request_ids", "prompt_token_ids", "prompt_lengths", "mm_token_type_ids", "image_patches",
+               "image_positions", "image_tokens_each", "images_per_request", "audio_frames", "audio_tokens_each",
+               "audio_per_request", "sampling")
+UNIT_COLUMNS = UNIT_FIELDS + UNIT_ARRAYS
+
+
+def empty_arrays() -> dict:
+    """The array columns of a unit that carries no requests (an error row)."""
+    return {
+        "request_ids": "[]",
+        "prompt_token_ids": np.zeros(0, np.int32),
+        "prompt_lengths": np.zeros(0, np.int32),
+        "mm_token_type_ids": np.zeros(0, np.int8),
+        "image_patches": np.zeros((0, PATCH_DIM), np.uint8),
+        "image_positions": np.zeros((0, 2), np.int16),
+        "image_tokens_each": np.zeros(0, np.int32),
+        "images_per_request": np.zeros(0, np.int32),
+        "audio_frames": np.zeros((0, FRAME), np.float32),
+        "audio_tokens_each": np.zeros(0, np.int32),
+        "audio_per_request": np.zeros(0, np.int32),
+        "sampling": "{}",
+    }
+
+
+def to_columns(rows: list[dict]) -> dict:
+    """Rows -> a Ray Data batch; array-valued columns become object arrays of arrays (Ray stores them ragged)."""
+    if not rows:
+        return {}
+    columns = {}
+    for key in rows[0]:
+        values = [row[key] for row in rows]
+        if isinstance(values[0], np.ndarray):
+            column = np.empty(len(values), dtype=object)
+            column[:] = values
+            columns[key] = column
+        else:
+            columns[key] = np.asarray(values, dtype=object)
+    return columns
+
+
+def array_bytes(unit: dict) -> int:
+    return sum(value.nbytes for value in unit.values() if isinstance(value, np.ndarray))
+
 
 def _counts(values) -> np.ndarray:
     return np.asarray(list(values), dtype=np.int32)

@@ -14,11 +14,11 @@ from pipelines.prepare import prepare_item
 from pipelines.prompts import (
     AUDIO_TYPE,
     IMAGE_TYPE,
+    TEXT_TYPE,
     Task,
     TaskOptions,
     build_messages,
     parse_translation,
-    TEXT_TYPE,
     render,
     strip_thinking,
     text_ids,

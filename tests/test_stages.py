@@ -12,9 +12,10 @@ import soundfile as sf
 from PIL import Image
 
 from pipelines.config import InputSpec, JobSpec, OutputSpec, TaskSpec
-from pipelines.units import unpack
+from pipelines.output import ERROR_COLUMNS, RESULT_COLUMNS
 from pipelines.sources import iter_listing
-from pipelines.stages import ERROR_COLUMNS, RESULT_COLUMNS, Prepare, Write
+from pipelines.stages import Prepare, Write
+from pipelines.units import unpack
 
 
 def _png(path, size=(96, 64)) -> None:

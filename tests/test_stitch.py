@@ -6,8 +6,7 @@ import json
 
 import pyarrow as pa
 
-from pipelines.output import ERRORS, RESULTS, WINDOWS, OutputDir
-from pipelines.stages import ERROR_COLUMNS, RESULT_COLUMNS, WINDOW_COLUMNS
+from pipelines.output import ERROR_COLUMNS, ERRORS, RESULT_COLUMNS, RESULTS, WINDOW_COLUMNS, WINDOWS, OutputDir
 from pipelines.stitch import stitch_windows
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ from pipelines.config import EngineSpec
 from pipelines.engines.base import PreparedRequest, SamplingParams
 from pipelines.engines.vllm_inputs import (
     MAX_AUDIO_TOKENS,
-    VLLM_EXTRA,
     TextStream,
     audio_for_vllm,
     collapse_placeholders,
@@ -32,7 +30,7 @@ from pipelines.engines.vllm_inputs import (
     vllm_audio_tokens,
     vllm_image_size,
 )
-from pipelines.errors import InvalidRequest, LimitExceeded, ModelSourceError
+from pipelines.errors import InvalidRequest, LimitExceeded
 from pipelines.media.image import PATCH, SUPPORTED_SOFT_TOKENS, patchify, prepare_image_array, resize, target_size
 from pipelines.prepare import prepare_item
 from pipelines.prompts import Task, TaskOptions

@@ -8,7 +8,6 @@ import shlex
 
 import pytest
 import yaml
-
 from infra_paths import REPO
 
 

@@ -8,7 +8,6 @@ import shlex
 import tomllib
 
 import pytest
-
 from infra_paths import REPO
 
 DOCKER = REPO / "infra" / "docker"

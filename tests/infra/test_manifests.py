@@ -7,7 +7,6 @@ import math
 
 import pytest
 import yaml
-
 from schema_check import crd_errors, crd_schema, manifest_errors, subschema
 
 
@@ -181,11 +180,11 @@ def test_rayjob_runs_the_submitted_spec_on_a_cluster_sized_by_its_resources(mani
 
 
 def test_scheduler_reads_the_schedules_with_runs_on_the_batch_cluster(manifests, tmp_path, cluster):
+    from infra_paths import RENDER_ARGS
+
     from jobs.deploy.kuberay import batch_dashboard_url
     from jobs.deploy.specs import cluster_job_spec
     from jobs.schedules import load_schedules
-
-    from infra_paths import RENDER_ARGS
 
     text = manifests["ConfigMap"]["data"]["schedules.yaml"]
     (tmp_path / "schedules.yaml").write_text(text)

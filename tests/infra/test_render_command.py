@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import typer
 import yaml
-from typer.testing import CliRunner
-
 from infra_paths import EXAMPLES
+from typer.testing import CliRunner
 
 runner = CliRunner()
 

@@ -3,7 +3,7 @@ that alters them fails here until they are rendered again."""
 
 from __future__ import annotations
 
-from infra_paths import REPO, RENDER_COMMAND
+from infra_paths import RENDER_COMMAND, REPO
 
 GENERATED = ("k8s", "vm")
 

@@ -8,12 +8,12 @@ import tempfile
 
 import pytest
 
-from jobs.history import History
-from jobs.runners import LocalRunner
 from jobs.demo.samples import make_samples
+from jobs.history import History
+from jobs.job_files import build_job
+from jobs.runners import LocalRunner
 from jobs.scheduler import Scheduler
 from jobs.schedules import Schedule, ScheduleEntry
-from jobs.job_files import build_job
 from pipelines.output import ERRORS, RESULTS, OutputDir
 
 pytestmark = pytest.mark.slow

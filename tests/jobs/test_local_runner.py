@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from jobs.runners import LocalRunner
 from jobs.job_files import build_job
+from jobs.runners import LocalRunner
 
 # Reads the spec it is given, then behaves as the environment says: sleep, print, exit with a code.
 FAKE_RUN = (

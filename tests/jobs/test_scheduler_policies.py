@@ -7,9 +7,9 @@ from datetime import datetime, timezone
 import pytest
 
 from jobs.history import History
+from jobs.job_files import build_job
 from jobs.scheduler import Scheduler, job_id_for
 from jobs.schedules import Schedule, ScheduleEntry
-from jobs.job_files import build_job
 
 JOB = {"input": {"url": "/data/in"}, "output": {"url": "/data/out"}}
 

@@ -18,9 +18,8 @@ from typer.testing import CliRunner
 
 from jobs.cli import app
 from jobs.media_report import inspect_files
-from pipelines.config import InputSpec, JobSpec, OutputSpec, TaskSpec
+from pipelines.config import InputSpec, JobSpec, MediaSpec, OutputSpec, TaskSpec
 from pipelines.media import sniff as sniff_module
-from pipelines.config import MediaSpec
 from pipelines.prompts import Task, TaskOptions
 from pipelines.stages import Prepare
 

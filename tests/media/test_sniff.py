@@ -12,10 +12,9 @@ from media_makers import av_file, lame_mp3
 from PIL import Image
 
 from jobs.demo.samples import document
-from pipelines.config import InputSpec
+from pipelines.config import InputSpec, MediaSpec
 from pipelines.errors import DecodeError, UnsupportedInput
 from pipelines.media.sniff import AUDIO, DOCUMENT, IMAGE, MEDIA_SUFFIXES, TEXT, by_extension, modality_of, sniff
-from pipelines.config import MediaSpec
 from pipelines.prepare import prepare_item
 from pipelines.prompts import Task, TaskOptions
 from pipelines.sources import iter_listing

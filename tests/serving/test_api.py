@@ -9,6 +9,8 @@ import json
 
 import pytest
 from fastapi.testclient import TestClient
+from openai_schema import async_response_hook, check, response_hook
+from serving_helpers import InProcessHandle, data_url, png
 
 from serving.auth import Authenticator
 from serving.metrics import Metrics
@@ -16,9 +18,6 @@ from serving.model_client import ServeModelBackend
 from serving.model_server import ModelServer
 from serving.router import build_api
 from serving.spec import build_spec
-
-from openai_schema import async_response_hook, check, response_hook
-from serving_helpers import InProcessHandle, data_url, png
 
 SPEC = {
     "engine": {"speculative": False, "max_batch_size": 4},

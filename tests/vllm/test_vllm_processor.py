@@ -12,9 +12,9 @@ from PIL import Image
 
 pytest.importorskip("vllm.multimodal", reason="vLLM is not installed: `make test-vllm`")
 
+from pipelines.config import MediaSpec  # noqa: E402
 from pipelines.engines.vllm_inputs import is_fixed_point, to_vllm_prompt  # noqa: E402
 from pipelines.media.image import SUPPORTED_SOFT_TOKENS, target_size  # noqa: E402
-from pipelines.config import MediaSpec  # noqa: E402
 from pipelines.prepare import prepare_item  # noqa: E402
 from pipelines.prompts import Task, TaskOptions  # noqa: E402
 
