@@ -89,8 +89,12 @@ print(json.dumps({"peak_mb": (status("VmHWM") - idle) / 2**20, "idle_mb": idle /
                   "duration_s": duration, "seconds": elapsed}))
 """
 
-METHODS = {"one-shot": "one-shot decode (baseline)", "stream": "AudioStream (ours)", "prepare": "prepare_audio (ours)",
-           "batch": "batch Prepare stage (ours)"}
+METHODS = {
+    "one-shot": "one-shot decode (baseline)",
+    "stream": "AudioStream (ours)",
+    "prepare": "prepare_audio (ours)",
+    "batch": "batch Prepare stage (ours)",
+}
 WIDTH = 150
 
 
@@ -114,8 +118,12 @@ def mp3_minute(seconds: float = 60.0) -> bytes:
 
 
 def measure(method: str, path: Path, warmup: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", _PROBE, method, str(path), str(warmup)], capture_output=True,
-                         text=True, cwd=Path(__file__).resolve().parent.parent)
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, method, str(path), str(warmup)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     if out.returncode:
         raise SystemExit(f"{method} on {path.name} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -151,8 +159,10 @@ def main() -> None:
                 " / ".join(str(n) for n in sorted(tokens)),
             )
     Console(width=WIDTH).print(table)
-    print(f"Idle process RSS after imports: {numbers['1 minute']['stream']['idle_mb']:.0f} MB; seconds: wall time "
-          "of the decode. All four give the same audio tokens.")
+    print(
+        f"Idle process RSS after imports: {numbers['1 minute']['stream']['idle_mb']:.0f} MB; seconds: wall time "
+        "of the decode. All four give the same audio tokens."
+    )
     if args.json:
         print(json.dumps(numbers, indent=2))
 

@@ -93,8 +93,15 @@ def bare_loop(directory: Path, task: TaskSpec, media: MediaSpec, batch: int) -> 
     for start in range(0, len(files), batch):
         requests = []
         for path in files[start : start + batch]:
-            requests += prepare_item(path.read_bytes(), item_id=path.name, name=path.name, tokenizer=engine.tokenizer,
-                                     options=options, limits=media, sampling=sampling).requests
+            requests += prepare_item(
+                path.read_bytes(),
+                item_id=path.name,
+                name=path.name,
+                tokenizer=engine.tokenizer,
+                options=options,
+                limits=media,
+                sampling=sampling,
+            ).requests
         began = time.perf_counter()
         engine.generate(requests)
         generating += time.perf_counter() - began
@@ -114,8 +121,13 @@ def pipeline(directory: Path, output: Path, task: TaskSpec, media: MediaSpec, ba
         task=task,
         media=media,
         engine={"speculative": False, "max_batch_size": batch},
-        resources=ResourcesSpec(batch_size=batch, num_cpus=cores, cpus_per_replica=max(1, cores - 1),
-                                object_store_mb=1024, items_per_prepare_task=32),
+        resources=ResourcesSpec(
+            batch_size=batch,
+            num_cpus=cores,
+            cpus_per_replica=max(1, cores - 1),
+            object_store_mb=1024,
+            items_per_prepare_task=32,
+        ),
         output=OutputSpec(url=str(output)),
     )
     with PeakRss() as memory:
@@ -144,8 +156,9 @@ def main() -> None:
     media = MediaSpec(max_soft_tokens=70)
     try:
         make_images(root / "items", args.items, (480, 640))
-        table = Table(title=f"Batch pipeline vs bare loop: {args.items} JPEG 640x480 captions, tiny model, "
-                            f"{os.cpu_count()} cores")
+        table = Table(
+            title=f"Batch pipeline vs bare loop: {args.items} JPEG 640x480 captions, tiny model, {os.cpu_count()} cores"
+        )
         for column in ("new tokens", "run", "wall s", "items/s", "vs bare loop", "engine busy", "mean batch"):
             table.add_column(column, justify="right")
         for new_tokens in args.new_tokens:
@@ -159,18 +172,48 @@ def main() -> None:
             bare_rate = count / bare_s
             run_s = summary.timings["run_s"]
             busy, batch = _share(summary.busy_fraction), _mean(summary.mean_batch_size)
-            table.add_row(str(new_tokens), "bare loop (one process, best of 2)", f"{bare_s:.1f}", f"{bare_rate:.2f}",
-                          "1.00x", _share(bare_busy), f"{args.batch}")
-            table.add_row("", "pipeline, excluding Ray start-up and listing", f"{run_s:.1f}", f"{count / run_s:.2f}",
-                          f"{count / run_s / bare_rate:.2f}x", busy, batch)
+            table.add_row(
+                str(new_tokens),
+                "bare loop (one process, best of 2)",
+                f"{bare_s:.1f}",
+                f"{bare_rate:.2f}",
+                "1.00x",
+                _share(bare_busy),
+                f"{args.batch}",
+            )
+            table.add_row(
+                "",
+                "pipeline, excluding Ray start-up and listing",
+                f"{run_s:.1f}",
+                f"{count / run_s:.2f}",
+                f"{count / run_s / bare_rate:.2f}x",
+                busy,
+                batch,
+            )
             span_s = summary.engine["span_s"]  # one replica: its first unit to its last result
-            table.add_row("", "pipeline, the model replica's span", f"{span_s:.1f}", f"{count / span_s:.2f}",
-                          f"{count / span_s / bare_rate:.2f}x", busy, batch)
-            table.add_row("", "pipeline, whole job", f"{summary.wall_s:.1f}", f"{count / summary.wall_s:.2f}",
-                          f"{count / summary.wall_s / bare_rate:.2f}x", busy, batch)
+            table.add_row(
+                "",
+                "pipeline, the model replica's span",
+                f"{span_s:.1f}",
+                f"{count / span_s:.2f}",
+                f"{count / span_s / bare_rate:.2f}x",
+                busy,
+                batch,
+            )
+            table.add_row(
+                "",
+                "pipeline, whole job",
+                f"{summary.wall_s:.1f}",
+                f"{count / summary.wall_s:.2f}",
+                f"{count / summary.wall_s / bare_rate:.2f}x",
+                busy,
+                batch,
+            )
             first = summary.timings.get("first_result_s", 0)
-            console.print(f"{new_tokens} new tokens: first result after {first:.1f} s "
-                          "(Ray start-up, listing, worker imports and the model actor's load)")
+            console.print(
+                f"{new_tokens} new tokens: first result after {first:.1f} s "
+                "(Ray start-up, listing, worker imports and the model actor's load)"
+            )
             import ray
 
             ray.shutdown()  # each job starts its own local instance

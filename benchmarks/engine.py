@@ -58,8 +58,9 @@ def workload(tokenizer, count: int, new_tokens: int):
         else:
             options = TaskOptions(task=Task.prompt, prompt=PROMPTS[index % len(PROMPTS)] * (1 + index % 3))
             data, name, media = b"Context.", "n.txt", []
-        item = prepare_item(data, item_id=f"r{index}", name=name, tokenizer=tokenizer, options=options,
-                            sampling=sampling)
+        item = prepare_item(
+            data, item_id=f"r{index}", name=name, tokenizer=tokenizer, options=options, sampling=sampling
+        )
         requests += item.requests
         raw.append((options, data, media))
     return requests, raw
@@ -70,17 +71,25 @@ def naive_loop(engine: TransformersEngine, processor, raw, new_tokens: int) -> t
     for options, data, media in raw:
         if media:
             text = render(engine.tokenizer, build_messages(options, media))
-            inputs = processor(text=text, images=[Image.open(io.BytesIO(data))], add_special_tokens=False,
-                               return_tensors="pt")
+            inputs = processor(
+                text=text, images=[Image.open(io.BytesIO(data))], add_special_tokens=False, return_tensors="pt"
+            )
         else:
             from dataclasses import replace
 
-            text = render(engine.tokenizer, build_messages(replace(options, prompt=f"Context.\n\n{options.prompt}"), []))
+            text = render(
+                engine.tokenizer, build_messages(replace(options, prompt=f"Context.\n\n{options.prompt}"), [])
+            )
             inputs = processor(text=text, add_special_tokens=False, return_tensors="pt")
         inputs.pop("num_soft_tokens_per_image", None)
         with torch.inference_mode():
-            output = engine.model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
-                                           eos_token_id=sorted(engine.stop_ids), pad_token_id=0)
+            output = engine.model.generate(
+                **inputs,
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                eos_token_id=sorted(engine.stop_ids),
+                pad_token_id=0,
+            )
         tokens += output.shape[1] - inputs["input_ids"].shape[1]
     return time.perf_counter() - started, tokens
 
@@ -108,8 +117,10 @@ def main() -> None:
     requests, raw = workload(plain.tokenizer, args.requests, args.new_tokens)
     plain.generate(requests[:2])  # warm-up
 
-    table = Table(title=f"transformers engine, tiny model, {args.requests} requests x {args.new_tokens} new tokens "
-                        f"(CPU, {args.threads} threads)")
+    table = Table(
+        title=f"transformers engine, tiny model, {args.requests} requests x {args.new_tokens} new tokens "
+        f"(CPU, {args.threads} threads)"
+    )
     for column in ("mode", "wall s", "output tokens", "tokens/s", "vs naive"):
         table.add_column(column, justify="right")
     naive_s, naive_tokens = naive_loop(plain, processor, raw, args.new_tokens)
@@ -118,17 +129,29 @@ def main() -> None:
     for size in (1, 4, 16):
         plain.spec = EngineSpec(speculative=False, max_batch_size=size)
         wall, tokens = timed(plain, requests)
-        table.add_row(f"engine, batch {size}", f"{wall:.2f}", str(tokens), f"{tokens / wall:.1f}",
-                      f"{tokens / wall / baseline:.2f}x")
+        table.add_row(
+            f"engine, batch {size}",
+            f"{wall:.2f}",
+            str(tokens),
+            f"{tokens / wall:.1f}",
+            f"{tokens / wall / baseline:.2f}x",
+        )
     speculative = TransformersEngine(model, EngineSpec(speculative=True))
     wall, tokens = timed(speculative, requests)
-    table.add_row("engine, MTP speculation (batch 1)", f"{wall:.2f}", str(tokens), f"{tokens / wall:.1f}",
-                  f"{tokens / wall / baseline:.2f}x")
+    table.add_row(
+        "engine, MTP speculation (batch 1)",
+        f"{wall:.2f}",
+        str(tokens),
+        f"{tokens / wall:.1f}",
+        f"{tokens / wall / baseline:.2f}x",
+    )
     console = Console()
     console.print(table)
-    console.print(f"model load: {load_s:.2f} s (tiny model from local disk; includes the tokenizer). The tiny "
-                  "assistant's weights are random, so speculation accepts almost nothing here: its row shows the "
-                  "drafting overhead, not the speed-up a trained drafter gives.")
+    console.print(
+        f"model load: {load_s:.2f} s (tiny model from local disk; includes the tokenizer). The tiny "
+        "assistant's weights are random, so speculation accepts almost nothing here: its row shows the "
+        "drafting overhead, not the speed-up a trained drafter gives."
+    )
 
 
 if __name__ == "__main__":

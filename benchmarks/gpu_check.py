@@ -34,16 +34,16 @@ import sys
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path[0] = os.path.dirname(sys.path[0])
 
-import argparse  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import importlib.util
+import json
+import re
+import shutil
+import tempfile
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
 
 STARTED = time.perf_counter()
 TIME_BUDGET_S = 8 * 60
@@ -71,21 +71,40 @@ REQUIRED = {
 }
 
 # HBM bandwidth in GB/s by device name (first match wins).
-BANDWIDTH = [("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H100", 3350.0), ("A100", 2039.0),
-             ("L40S", 864.0), ("L4", 300.0)]
+BANDWIDTH = [
+    ("H200", 4800.0),
+    ("H100 PCIe", 2000.0),
+    ("H100 NVL", 3900.0),
+    ("H100", 3350.0),
+    ("A100", 2039.0),
+    ("L40S", 864.0),
+    ("L4", 300.0),
+]
 
 # The dry run: the preset's structure (5:1 sliding/global pattern reduced to one of each, mixed head sizes, the
 # full vocabulary) at widths a CPU runs in seconds. The assistant's dims follow, as its KV is the target's.
 DRY_TEXT = dict(
-    num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
-    head_dim=16, sliding_window=64, max_position_embeddings=8192,
+    num_hidden_layers=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    sliding_window=64,
+    max_position_embeddings=8192,
     layer_types=["sliding_attention", "full_attention"],
     per_layer_config={"01": {"head_dim": 32, "num_key_value_heads": 1}},
 )
 DRY_VISION = dict(mm_embed_dim=64, output_proj_dims=64)
 DRY_ASSISTANT_TEXT = dict(
-    hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-    sliding_window=64, max_position_embeddings=8192, per_layer_config={"3": {"head_dim": 32}},
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    sliding_window=64,
+    max_position_embeddings=8192,
+    per_layer_config={"3": {"head_dim": 32}},
 )
 # Decoder-layer linear weights: what plan counts as quantizable (pipelines/planning.py).
 _DECODER_LINEAR = re.compile(r"(?:^|\.)layers\.\d+\.")
@@ -151,8 +170,9 @@ def tokenizer_ids(tokenizer) -> dict:
 
 
 def text_ids(tokenizer) -> dict:
-    return dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                bos_token_id=tokenizer.bos_token_id)
+    return dict(
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id
+    )
 
 
 def write_configs(directory: Path, dry_run: bool):
@@ -363,8 +383,11 @@ def cast_decoder_to_float8(model, device) -> tuple[int, float]:
     (how many, the largest relative error of a cast weight: ||dequantized - bf16|| / ||bf16||)."""
     import torch
 
-    targets = [name for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Linear) and _DECODER_LINEAR.search(name)]
+    targets = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and _DECODER_LINEAR.search(name)
+    ]
     worst = 0.0
     for name in targets:
         parent_name, _, attr = name.rpartition(".")
@@ -395,10 +418,20 @@ def media_requests(tokenizer, max_new_tokens: int):
     audio = io.BytesIO()
     sf.write(audio, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16_000, format="WAV")
     sampling = SamplingParams(max_new_tokens=max_new_tokens)
-    caption = prepare_item(image.getvalue(), item_id="image", tokenizer=tokenizer,
-                           options=TaskOptions(task=Task.caption), sampling=sampling)
-    transcript = prepare_item(audio.getvalue(), item_id="audio", tokenizer=tokenizer,
-                              options=TaskOptions(task=Task.transcribe), sampling=sampling)
+    caption = prepare_item(
+        image.getvalue(),
+        item_id="image",
+        tokenizer=tokenizer,
+        options=TaskOptions(task=Task.caption),
+        sampling=sampling,
+    )
+    transcript = prepare_item(
+        audio.getvalue(),
+        item_id="audio",
+        tokenizer=tokenizer,
+        options=TaskOptions(task=Task.transcribe),
+        sampling=sampling,
+    )
     return caption.requests + transcript.requests
 
 
@@ -429,8 +462,12 @@ def load_engine(table: Table, directory: Path, device):
     engine.device = device
     synchronize(device)
     elapsed = time.perf_counter() - started
-    table.add("fp8", "weights", f"float8_e4m3fn, one scale per tensor, {cast} decoder linears cast in this check "
-                                "(transformers' FineGrainedFP8 fetches its matmul kernel from the hub)")
+    table.add(
+        "fp8",
+        "weights",
+        f"float8_e4m3fn, one scale per tensor, {cast} decoder linears cast in this check "
+        "(transformers' FineGrainedFP8 fetches its matmul kernel from the hub)",
+    )
     table.add("fp8", "largest relative weight error of the cast", f"{error:.2%}")
     table.add("fp8", "engine load + cast + to device", f"{elapsed:.1f} s")
     if device.type == "cuda":
@@ -445,18 +482,25 @@ def section_media(table: Table, engine, device, max_new_tokens: int, planned: fl
     results = []
     with without_assistant(engine):
         for request in requests:
-            log(f"fp8: {request.id} prompt: {request.prompt_tokens} tokens ({request.image_tokens} image, "
-                f"{request.audio_tokens} audio) ...")
+            log(
+                f"fp8: {request.id} prompt: {request.prompt_tokens} tokens ({request.image_tokens} image, "
+                f"{request.audio_tokens} audio) ..."
+            )
             engine.generate([request])  # warm-up (kernels, allocator); the second run is timed
             (result,) = engine.generate([request])
             results.append(result)
-            table.add("fp8", f"{request.id} prompt", f"{request.prompt_tokens} tokens ({request.image_tokens} image, "
-                      f"{request.audio_tokens} audio) -> {result.output_tokens} tokens in {result.latency_s:.2f} s "
-                      f"({result.output_tokens / result.latency_s:.1f} tok/s)")
+            table.add(
+                "fp8",
+                f"{request.id} prompt",
+                f"{request.prompt_tokens} tokens ({request.image_tokens} image, "
+                f"{request.audio_tokens} audio) -> {result.output_tokens} tokens in {result.latency_s:.2f} s "
+                f"({result.output_tokens / result.latency_s:.1f} tok/s)",
+            )
     beside = f" (plan before KV cache: {planned:.2f} GiB)" if planned is not None else ""
     if device.type == "cuda":
-        table.add("fp8", "peak GPU memory (allocated)",
-                  f"{torch.cuda.max_memory_allocated(device) / GIB:.2f} GiB{beside}")
+        table.add(
+            "fp8", "peak GPU memory (allocated)", f"{torch.cuda.max_memory_allocated(device) / GIB:.2f} GiB{beside}"
+        )
         table.add("fp8", "peak GPU memory (reserved)", f"{torch.cuda.max_memory_reserved(device) / GIB:.2f} GiB")
     else:
         table.add("fp8", "peak GPU memory (allocated)", f"- (CPU){beside}")
@@ -472,8 +516,11 @@ def section_plan(table: Table, model: str) -> float:
     table.add("plan", "weights + assistant", f"{figure.weights_gib:.2f} + {figure.assistant_gib:.2f} GiB")
     table.add("plan", "overhead (context, activations, logits)", f"{figure.overhead_gib:.2f} GiB")
     total = figure.weights_gib + figure.assistant_gib + figure.overhead_gib
-    table.add("plan", "total before KV cache", f"{total:.2f} GiB; KV budget {figure.kv_budget_gib:.2f} GiB = "
-              f"{figure.max_sequences} full-length sequence(s)")
+    table.add(
+        "plan",
+        "total before KV cache",
+        f"{total:.2f} GiB; KV budget {figure.kv_budget_gib:.2f} GiB = {figure.max_sequences} full-length sequence(s)",
+    )
     return total
 
 
@@ -498,14 +545,22 @@ def section_speculation(table: Table, engine, pairs: list) -> None:
             on, off = result.output_token_ids, plain.output_token_ids
             first = next((i for i, (x, y) in enumerate(zip(on, off)) if x != y), min(len(on), len(off)))
             verdict = f"DIFFERENT from token {first}"
-        table.add("speculation", f"{request.id} prompt", f"{verdict} greedy output; "
-                  f"drafted {result.spec_drafted}, accepted {result.spec_accepted}; "
-                  f"{result.output_tokens / result.latency_s:.1f} tok/s on vs "
-                  f"{plain.output_tokens / plain.latency_s:.1f} off")
+        table.add(
+            "speculation",
+            f"{request.id} prompt",
+            f"{verdict} greedy output; "
+            f"drafted {result.spec_drafted}, accepted {result.spec_accepted}; "
+            f"{result.output_tokens / result.latency_s:.1f} tok/s on vs "
+            f"{plain.output_tokens / plain.latency_s:.1f} off",
+        )
     if spec_s:
         table.add("speculation", "greedy output on vs off", "identical" if identical else "DIFFERENT")
-        table.add("speculation", "drafted / accepted", f"{drafted} / {accepted} ({accepted / max(drafted, 1):.0%}; "
-                  "random assistant weights: acceptance says nothing about the real one)")
+        table.add(
+            "speculation",
+            "drafted / accepted",
+            f"{drafted} / {accepted} ({accepted / max(drafted, 1):.0%}; "
+            "random assistant weights: acceptance says nothing about the real one)",
+        )
         table.add("speculation", "tokens/s on vs off", f"{spec_tokens / spec_s:.1f} vs {plain_tokens / plain_s:.1f}")
 
 
@@ -520,8 +575,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-tokens", type=int, default=None, help="prompt length for prefill (2048)")
     parser.add_argument("--decode-tokens", type=int, default=None, help="decode steps per batch size (128)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens per media/speculation request (32)")
-    parser.add_argument("--time-budget", type=float, default=TIME_BUDGET_S,
-                        help="seconds; sections that would not fit are skipped with a note (480)")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=TIME_BUDGET_S,
+        help="seconds; sections that would not fit are skipped with a note (480)",
+    )
     parser.add_argument("--workdir", default=None, help="where the random checkpoint is written (a temp folder)")
     args = parser.parse_args(argv)
     TIME_BUDGET_S = args.time_budget
@@ -539,16 +598,24 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.dry_run:
         device, name = torch.device("cpu"), "CPU (dry run)"
-        settings = dict(prefill=args.prefill_tokens or 64, decode=args.decode_tokens or 4, repeats=1,
-                        new_tokens=args.new_tokens or 6)
+        settings = dict(
+            prefill=args.prefill_tokens or 64,
+            decode=args.decode_tokens or 4,
+            repeats=1,
+            new_tokens=args.new_tokens or 6,
+        )
     else:
         if not torch.cuda.is_available():
             print("gpu_check: no CUDA GPU visible, nothing to measure (use --dry-run to check the code path on CPU).")
             return 0
         device = torch.device("cuda")
         name = torch.cuda.get_device_name(device)
-        settings = dict(prefill=args.prefill_tokens or 2048, decode=args.decode_tokens or 128, repeats=3,
-                        new_tokens=args.new_tokens or 32)
+        settings = dict(
+            prefill=args.prefill_tokens or 2048,
+            decode=args.decode_tokens or 128,
+            repeats=3,
+            new_tokens=args.new_tokens or 32,
+        )
         torch.backends.cuda.matmul.allow_tf32 = True
     gbps = bandwidth_for(name, args.hbm_gbps) if device.type == "cuda" else args.hbm_gbps
 
@@ -609,8 +676,9 @@ def run(table: Table, args, device, settings: dict, gbps: float | None, workdir:
     table.add("setup", "checkpoint written", f"{time.perf_counter() - started:.1f} s")
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GIB * GIB / torch.cuda.get_device_properties(
-            device).total_memory), device)
+        torch.cuda.set_per_process_memory_fraction(
+            min(1.0, CAP_GIB * GIB / torch.cuda.get_device_properties(device).total_memory), device
+        )
         torch.cuda.reset_peak_memory_stats(device)
         table.add("fp8", "memory cap", f"{CAP_GIB:g} GiB (torch.cuda.set_per_process_memory_fraction)")
     else:

@@ -51,16 +51,20 @@ def percentile_ms(values: list[float], q: float) -> float:
 def spec_for(args, batch_size: int):
     from serving.spec import build_spec
 
-    return build_spec({
-        "app_name": "bench",
-        "model": {"name": args.model},
-        "engine": {"speculative": False, "max_batch_size": 8},
-        "batching": {"max_batch_size": batch_size, "batch_wait_timeout_s": 0.0},
-        "resources": {"ingress": {"num_cpus": 0.5}, "model": {"num_cpus": 1, "torch_threads": args.threads}},
-        "autoscaling": {"ingress": {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 256},
-                        "model": {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 64}},
-        "limits": {"max_output_tokens": max(args.max_tokens, 16), "max_queued_requests": 1024},
-    })
+    return build_spec(
+        {
+            "app_name": "bench",
+            "model": {"name": args.model},
+            "engine": {"speculative": False, "max_batch_size": 8},
+            "batching": {"max_batch_size": batch_size, "batch_wait_timeout_s": 0.0},
+            "resources": {"ingress": {"num_cpus": 0.5}, "model": {"num_cpus": 1, "torch_threads": args.threads}},
+            "autoscaling": {
+                "ingress": {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 256},
+                "model": {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 64},
+            },
+            "limits": {"max_output_tokens": max(args.max_tokens, 16), "max_queued_requests": 1024},
+        }
+    )
 
 
 def load_engine(spec, body: dict):
@@ -112,8 +116,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the model replica and baseline.")
     parser.add_argument("--num-cpus", type=int, default=4, help="Logical CPUs of the local Ray instance.")
     parser.add_argument("--quick", action="store_true", help="20 requests, 8 s runs.")
-    parser.add_argument("--haproxy", action="store_true",
-                        help="Serve's experimental HAProxy ingress (direct to ingress replicas, no Python proxy).")
+    parser.add_argument(
+        "--haproxy",
+        action="store_true",
+        help="Serve's experimental HAProxy ingress (direct to ingress replicas, no Python proxy).",
+    )
     args = parser.parse_args()
     if args.quick:
         args.requests, args.duration_s = 20, 8.0
@@ -129,12 +136,17 @@ def main() -> int:
     from serving.app import build_app
     from serving.loadtest import format_table, run_load
 
-    body = {"model": args.model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": args.max_tokens,
-            "temperature": 0}
+    body = {
+        "model": args.model,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": args.max_tokens,
+        "temperature": 0,
+    }
     spec_on, spec_off = spec_for(args, 8), spec_for(args, 1)
 
-    ray.init(num_cpus=args.num_cpus, object_store_memory=300 * 1024 * 1024, include_dashboard=False,
-             log_to_driver=False)
+    ray.init(
+        num_cpus=args.num_cpus, object_store_memory=300 * 1024 * 1024, include_dashboard=False, log_to_driver=False
+    )
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
@@ -163,8 +175,10 @@ def main() -> int:
     engine_p50, endpoint_p50 = percentile_ms(baseline, 50), percentile_ms(endpoint, 50)
     print()
     proxy = "HAProxy direct ingress" if args.haproxy else "Serve's HTTP proxy"
-    print(f"Overhead at concurrency 1: model {args.model}, {args.max_tokens} max tokens, {args.requests} requests, "
-          f"{args.threads} torch thread(s), {proxy}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(
+        f"Overhead at concurrency 1: model {args.model}, {args.max_tokens} max tokens, {args.requests} requests, "
+        f"{args.threads} torch thread(s), {proxy}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
     print(f"{'':<46} {'p50 ms':>8} {'p95 ms':>8} {'mean ms':>8}")
     rows = [
         ("engine.generate in-process (baseline)", baseline),
@@ -172,15 +186,20 @@ def main() -> int:
         ("per request: end to end - replica engine time", overheads),
     ]
     for name, values in rows:
-        print(f"{name:<46} {percentile_ms(values, 50):>8.1f} {percentile_ms(values, 95):>8.1f} "
-              f"{statistics.mean(values) * 1000:>8.1f}")
+        print(
+            f"{name:<46} {percentile_ms(values, 50):>8.1f} {percentile_ms(values, 95):>8.1f} "
+            f"{statistics.mean(values) * 1000:>8.1f}"
+        )
     print(f"{'endpoint p50 - engine p50':<46} {endpoint_p50 - engine_p50:>8.1f}")
     verdict = "meets" if percentile_ms(overheads, 50) < 15 else "misses"
     print(f"overhead p50 {percentile_ms(overheads, 50):.1f} ms {verdict} the 15 ms target")
     print()
     print(f"Throughput at concurrency {args.concurrency}, {args.duration_s:g} s each, one model replica")
-    print(format_table([("batching on (up to 8 per engine call)", batched),
-                        ("batching off (1 per engine call)", unbatched)]))
+    print(
+        format_table(
+            [("batching on (up to 8 per engine call)", batched), ("batching off (1 per engine call)", unbatched)]
+        )
+    )
     if unbatched.requests_per_s:
         print(f"batching speed-up: {batched.requests_per_s / unbatched.requests_per_s:.2f}x requests/s")
     return 0

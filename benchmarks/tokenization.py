@@ -91,8 +91,9 @@ def peak_memory_mb(data: bytes) -> float:
     with tempfile.NamedTemporaryFile(suffix=".jpg") as handle:
         handle.write(data)
         handle.flush()
-        out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, handle.name], capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", _MEMORY_PROBE, handle.name], capture_output=True, text=True, check=True
+        )
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -127,13 +128,21 @@ def main() -> None:
     numbers = {}
     for label, (height, width) in {"JPEG 1024x768": (768, 1024), "JPEG 4000x3000": (3000, 4000)}.items():
         data = photo_jpeg(height, width)
-        theirs = rate(lambda: reference(images=Image.open(io.BytesIO(data)), return_tensors="pt"), args.seconds)
-        ours = rate(lambda: prepare_image(data), args.seconds)
+        theirs = rate(
+            lambda data=data: reference(images=Image.open(io.BytesIO(data)), return_tensors="pt"), args.seconds
+        )
+        ours = rate(lambda data=data: prepare_image(data), args.seconds)
         exact = bit_exact(data, reference)
         memory = peak_memory_mb(data)
         numbers[label] = {"transformers_per_s": theirs, "ours_per_s": ours, "bit_exact": exact, "peak_mb": memory}
-        table.add_row(label, f"{theirs:.1f} img/s", f"{ours:.1f} img/s", f"{ours / theirs:.1f}x",
-                      "yes" if exact else "NO", f"{memory:.0f}")
+        table.add_row(
+            label,
+            f"{theirs:.1f} img/s",
+            f"{ours:.1f} img/s",
+            f"{ours / theirs:.1f}x",
+            "yes" if exact else "NO",
+            f"{memory:.0f}",
+        )
 
     clip_s = 60.0
     flac = audio_flac(clip_s)
@@ -148,11 +157,19 @@ def main() -> None:
     theirs = rate(baseline_audio, args.seconds) * clip_s
     ours = rate(lambda: [w.frames for w in prepare_audio(flac).windows], args.seconds) * clip_s
     numbers["FLAC 44.1 kHz stereo"] = {"transformers_audio_s_per_s": theirs, "ours_audio_s_per_s": ours}
-    table.add_row("FLAC 44.1 kHz stereo, 60 s", f"{theirs:.0f} audio s/s", f"{ours:.0f} audio s/s",
-                  f"{ours / theirs:.1f}x", "frames equal (tests)", "-")
+    table.add_row(
+        "FLAC 44.1 kHz stereo, 60 s",
+        f"{theirs:.0f} audio s/s",
+        f"{ours:.0f} audio s/s",
+        f"{ours / theirs:.1f}x",
+        "frames equal (tests)",
+        "-",
+    )
     Console().print(table)
-    print("transformers' audio baseline: soundfile decode + soxr HQ resample + Gemma4UnifiedAudioFeatureExtractor "
-          "per 30 s window (the extractor itself neither decodes nor resamples).")
+    print(
+        "transformers' audio baseline: soundfile decode + soxr HQ resample + Gemma4UnifiedAudioFeatureExtractor "
+        "per 30 s window (the extractor itself neither decodes nor resamples)."
+    )
     if args.json:
         print(json.dumps(numbers, indent=2))
 

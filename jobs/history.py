@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ACTIVE = ("starting", "running")
@@ -41,7 +41,7 @@ CREATE TABLE IF NOT EXISTS cursors (
 
 
 def iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.astimezone(timezone.utc).isoformat()
+    return None if moment is None else moment.astimezone(UTC).isoformat()
 
 
 def parse_iso(text: str | None) -> datetime | None:
@@ -63,7 +63,7 @@ class Run:
     error: str | None = None
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> "Run":
+    def from_row(cls, row: sqlite3.Row) -> Run:
         values = dict(row)
         for key in ("scheduled_for", "started_at", "ended_at"):
             values[key] = parse_iso(values[key])
@@ -101,7 +101,8 @@ class History:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 current = self._db.execute(
-                    "SELECT scheduled_for FROM cursors WHERE schedule = ?", (run.schedule,)).fetchone()
+                    "SELECT scheduled_for FROM cursors WHERE schedule = ?", (run.schedule,)
+                ).fetchone()
                 if current and parse_iso(current[0]) >= run.scheduled_for:
                     self._db.execute("ROLLBACK")
                     return False
@@ -134,8 +135,9 @@ class History:
             )
 
     def get(self, schedule: str, scheduled_for: datetime) -> Run | None:
-        row = self._db.execute("SELECT * FROM runs WHERE schedule = ? AND scheduled_for = ?",
-                               (schedule, iso(scheduled_for))).fetchone()
+        row = self._db.execute(
+            "SELECT * FROM runs WHERE schedule = ? AND scheduled_for = ?", (schedule, iso(scheduled_for))
+        ).fetchone()
         return Run.from_row(row) if row else None
 
     def active(self, schedule: str | None = None) -> list[Run]:
@@ -166,8 +168,9 @@ class History:
             dropped.extend(Run.from_row(r) for r in rows)
         with self._lock:
             for run in dropped:
-                self._db.execute("DELETE FROM runs WHERE schedule = ? AND scheduled_for = ?",
-                                 (run.schedule, iso(run.scheduled_for)))
+                self._db.execute(
+                    "DELETE FROM runs WHERE schedule = ? AND scheduled_for = ?", (run.schedule, iso(run.scheduled_for))
+                )
         return dropped
 
     @staticmethod

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import fsspec
 
@@ -51,8 +51,9 @@ def inspect_files(
     exception (a bug, a decoder crash) becomes that file's `error`, and the next file goes on."""
     for url in urls:
         try:
-            record = inspect_file(url, tokenizer=tokenizer, options=options, limits=limits,
-                                  storage_options=storage_options)
+            record = inspect_file(
+                url, tokenizer=tokenizer, options=options, limits=limits, storage_options=storage_options
+            )
         except Exception as exc:
             logger.debug("inspect %s failed unexpectedly", url, exc_info=True)
             record = {**_empty_record(url), "error": f"{url}: {type(exc).__name__}: {exc}"}
@@ -69,8 +70,15 @@ def inspect_file(url: str, *, tokenizer, options: TaskOptions, limits: MediaSpec
             modality = check_modality(options, detect_modality(source, url), url)
             if modality == AUDIO:
                 return _inspect_audio(record, source, url, tokenizer, options, limits)
-            item = prepare_item(source.read(), item_id=url, name=url, tokenizer=tokenizer, options=options,
-                                limits=limits, modality=modality)
+            item = prepare_item(
+                source.read(),
+                item_id=url,
+                name=url,
+                tokenizer=tokenizer,
+                options=options,
+                limits=limits,
+                modality=modality,
+            )
     except GemmaUnifiedError as exc:
         record["error"] = str(exc)
         return record
@@ -87,8 +95,9 @@ def inspect_file(url: str, *, tokenizer, options: TaskOptions, limits: MediaSpec
         record["grid"] = item.detail["grid"]
     elif item.modality == DOCUMENT:
         record["pages"] = item.detail["pages"]
-        record["windows"] = [[seg.pages[0], seg.pages[-1], req.image_tokens]
-                             for seg, req in zip(item.segments, item.requests)]
+        record["windows"] = [
+            [seg.pages[0], seg.pages[-1], req.image_tokens] for seg, req in zip(item.segments, item.requests)
+        ]
     return record
 
 
@@ -99,11 +108,17 @@ def _inspect_audio(record: dict, handle, url: str, tokenizer, options: TaskOptio
     for request, segment in windows:
         spans.append([round(segment.start_s, 3), round(segment.end_s, 3), request.audio_tokens])
         prompt_tokens.append(request.prompt_tokens)
-    record.update(modality=AUDIO, requests=len(spans), tokens=sum(n for *_, n in spans),
-                  prompt_tokens=prompt_tokens, windows=spans)
+    record.update(
+        modality=AUDIO,
+        requests=len(spans),
+        tokens=sum(n for *_, n in spans),
+        prompt_tokens=prompt_tokens,
+        windows=spans,
+    )
     detail = windows.detail
-    record.update(duration_s=round(detail["duration_s"], 3), sample_rate=detail["sample_rate"],
-                  channels=detail["channels"])
+    record.update(
+        duration_s=round(detail["duration_s"], 3), sample_rate=detail["sample_rate"], channels=detail["channels"]
+    )
     return record
 
 
@@ -115,8 +130,9 @@ def describe(record: dict) -> str:
     prompt = "+".join(str(n) for n in record["prompt_tokens"])
     if modality == IMAGE:
         (dh, dw), (h, w), (rows, cols) = record["size_decoded"], record["size"], record["grid"]
-        return (f"image {dw}x{dh} -> {w}x{h}, grid {rows}x{cols} = {record['tokens']} image tokens; "
-                f"prompt {prompt} tokens")
+        return (
+            f"image {dw}x{dh} -> {w}x{h}, grid {rows}x{cols} = {record['tokens']} image tokens; prompt {prompt} tokens"
+        )
     if modality == AUDIO:
         windows = ", ".join(f"{s:.2f}-{e:.2f}s:{n}" for s, e, n in record["windows"])
         return (
@@ -125,6 +141,8 @@ def describe(record: dict) -> str:
         )
     if modality == DOCUMENT:
         windows = ", ".join(f"pages {a}-{b}:{n}" for a, b, n in record["windows"])
-        return (f"document {record['pages']} page(s), {len(record['windows'])} window(s) [{windows}]; "
-                f"prompt {prompt} tokens")
+        return (
+            f"document {record['pages']} page(s), {len(record['windows'])} window(s) [{windows}]; "
+            f"prompt {prompt} tokens"
+        )
     return f"text; prompt {prompt} tokens"

@@ -66,7 +66,9 @@ class LocalRunner:
         child = subprocess.Popen(
             ["/bin/sh", "-c", script, "sh", *self.command, str(spec), "--no-progress"],
             env={**os.environ, **env, "LOG": str(folder / "log.txt"), "RC": str(folder / "exit_code")},
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
         (folder / "pid").write_text(str(child.pid))
@@ -110,7 +112,7 @@ class LocalRunner:
     def log_tail(self, job_id: str) -> str:
         log = self.folder(job_id) / "log.txt"
         text = log.read_text(errors="replace") if log.exists() else ""
-        return text[-self.LOG_TAIL:].strip()
+        return text[-self.LOG_TAIL :].strip()
 
     def _pid(self, job_id: str) -> int | None:
         pid_file = self.folder(job_id) / "pid"

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import datetime, timedelta, timezone
-from typing import Callable
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 from jobs.history import History, Run
 from jobs.runners import ClusterRunner, LocalRunner, Runner
@@ -24,11 +24,11 @@ STARTING_GRACE_S = 120.0
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def job_id_for(schedule: str, scheduled_for: datetime) -> str:
-    return f"{schedule}-{scheduled_for.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}"
+    return f"{schedule}-{scheduled_for.astimezone(UTC):%Y%m%dT%H%M%SZ}"
 
 
 def job_for_run(schedule: Schedule, scheduled_for: datetime) -> JobSpec:
@@ -36,7 +36,7 @@ def job_for_run(schedule: Schedule, scheduled_for: datetime) -> JobSpec:
     job = schedule.job
     if schedule.entry.incremental:
         return job
-    url = f"{job.output.url.rstrip('/')}/{scheduled_for.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}"
+    url = f"{job.output.url.rstrip('/')}/{scheduled_for.astimezone(UTC):%Y%m%dT%H%M%SZ}"
     return job.model_copy(update={"output": job.output.model_copy(update={"url": url})})
 
 
@@ -67,8 +67,11 @@ def read_counts(run: Run, job: JobSpec) -> dict:
         return {}
     if run.started_at and datetime.fromisoformat(finished) < run.started_at:
         return {}  # the manifest of an earlier run: this one failed before finishing
-    return {"succeeded": this_run.get("succeeded"), "failed": this_run.get("failed"),
-            "skipped": this_run.get("skipped_already_done")}
+    return {
+        "succeeded": this_run.get("succeeded"),
+        "failed": this_run.get("failed"),
+        "skipped": this_run.get("skipped_already_done"),
+    }
 
 
 class Scheduler:
@@ -164,15 +167,32 @@ class Scheduler:
         job_id = job_id_for(schedule.name, scheduled_for)
         late = (now - scheduled_for).total_seconds()
         if entry.starting_deadline is not None and late > entry.starting_deadline:
-            self.history.claim(Run(schedule.name, scheduled_for, "missed", job_id, output=job.output.url,
-                                   ended_at=now, error=f"missed by {late:.0f}s (starting_deadline "
-                                   f"{entry.starting_deadline:.0f}s)"))
+            self.history.claim(
+                Run(
+                    schedule.name,
+                    scheduled_for,
+                    "missed",
+                    job_id,
+                    output=job.output.url,
+                    ended_at=now,
+                    error=f"missed by {late:.0f}s (starting_deadline {entry.starting_deadline:.0f}s)",
+                )
+            )
             return None
         active = self.history.active(schedule.name)
         if active and entry.concurrency == "forbid":
             blocking = ", ".join(r.job_id for r in active)
-            self.history.claim(Run(schedule.name, scheduled_for, "skipped", job_id, output=job.output.url,
-                                   ended_at=now, error=f"concurrency forbid: {blocking} still active"))
+            self.history.claim(
+                Run(
+                    schedule.name,
+                    scheduled_for,
+                    "skipped",
+                    job_id,
+                    output=job.output.url,
+                    ended_at=now,
+                    error=f"concurrency forbid: {blocking} still active",
+                )
+            )
             self._prune(schedule)
             return None
         run = Run(schedule.name, scheduled_for, "starting", job_id, output=job.output.url, started_at=now)
@@ -182,13 +202,23 @@ class Scheduler:
         if entry.concurrency == "replace":
             for old in active:
                 runner.stop(old.job_id)
-                self.history.update(old.schedule, old.scheduled_for, state="stopped", ended_at=self.clock(),
-                                    error=f"replaced by {job_id}")
+                self.history.update(
+                    old.schedule,
+                    old.scheduled_for,
+                    state="stopped",
+                    ended_at=self.clock(),
+                    error=f"replaced by {job_id}",
+                )
         try:
             runner.start(job_id, job, dict(entry.env))
         except Exception as exc:
-            self.history.update(schedule.name, scheduled_for, state="failed", ended_at=self.clock(),
-                                error=f"could not start: {type(exc).__name__}: {exc}")
+            self.history.update(
+                schedule.name,
+                scheduled_for,
+                state="failed",
+                ended_at=self.clock(),
+                error=f"could not start: {type(exc).__name__}: {exc}",
+            )
             self._prune(schedule)
             log.error("schedule %s: %s could not start: %s", schedule.name, job_id, exc)
             return self.history.get(schedule.name, scheduled_for)
@@ -198,8 +228,14 @@ class Scheduler:
 
     def _finish(self, schedule: Schedule, run: Run, state: str, error: str | None) -> None:
         counts = self.counts(run, job_for_run(schedule, run.scheduled_for)) if state in ("succeeded", "failed") else {}
-        self.history.update(run.schedule, run.scheduled_for, state=state, ended_at=self.clock(), error=error,
-                            **{k: v for k, v in counts.items() if v is not None})
+        self.history.update(
+            run.schedule,
+            run.scheduled_for,
+            state=state,
+            ended_at=self.clock(),
+            error=error,
+            **{k: v for k, v in counts.items() if v is not None},
+        )
         log.info("schedule %s: %s %s", run.schedule, run.job_id, state)
         self._prune(schedule)
 
@@ -213,4 +249,3 @@ class Scheduler:
                 self.runner_for(schedule).forget(run.job_id)
             except Exception as exc:
                 log.warning("schedule %s: cannot clean up %s: %s", schedule.name, run.job_id, exc)
-

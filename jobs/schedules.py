@@ -7,7 +7,7 @@ reported with the file, the schedule and the field, before anything runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -23,29 +23,40 @@ DEFAULT_STATE = ".gemma-unified/schedules.db"
 class ScheduleEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
-                      description="Unique name; it names the runs, their job ids and their history.")
+    name: str = Field(
+        ...,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
+        description="Unique name; it names the runs, their job ids and their history.",
+    )
     cron: str = Field(..., min_length=1, max_length=200, description="When to run, in croniter syntax.")
     timezone: str = Field("UTC", min_length=1, max_length=64, description="IANA time zone the cron is read in.")
     job: dict | str = Field(..., description="A JobSpec inline, or the path of a job YAML (relative to this file).")
     address: str | None = Field(
-        None, max_length=4096,
+        None,
+        max_length=4096,
         description="Ray dashboard address (http://HEAD:8265): runs are submitted there. Unset: runs execute "
         "on this machine through `gemma-unified run` (which honours the job's resources.address).",
     )
     concurrency: Literal["forbid", "allow", "replace"] = Field(
-        "forbid", description="When a run is due while the previous one is active: skip it, run both, or stop the "
-        "old one first.")
+        "forbid",
+        description="When a run is due while the previous one is active: skip it, run both, or stop the old one first.",
+    )
     starting_deadline: float | None = Field(
-        3600.0, gt=0, le=366 * 86400,
+        3600.0,
+        gt=0,
+        le=366 * 86400,
         description="Seconds after its scheduled time that a missed run may still start; null means no deadline. "
-        "Only the most recent missed time is ever run.")
+        "Only the most recent missed time is ever run.",
+    )
     incremental: bool = Field(
-        True, description="Reuse one output so each run only processes items not yet in it; false gives each run "
-        "a fresh output under output.url/<scheduled time>.")
+        True,
+        description="Reuse one output so each run only processes items not yet in it; false gives each run "
+        "a fresh output under output.url/<scheduled time>.",
+    )
     successful_history: int = Field(10, ge=0, le=100_000, description="Succeeded runs kept in the history.")
-    failed_history: int = Field(10, ge=0, le=100_000,
-                                description="Failed, lost, stopped, skipped and missed runs kept in the history.")
+    failed_history: int = Field(
+        10, ge=0, le=100_000, description="Failed, lost, stopped, skipped and missed runs kept in the history."
+    )
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables for the run.")
 
     @field_validator("cron")
@@ -84,13 +95,13 @@ class Schedule:
         zone = ZoneInfo(self.entry.timezone)
         # croniter's get_prev is strict and whole-second: start one second after `now` floored.
         base = now.astimezone(zone).replace(microsecond=0) + timedelta(seconds=1)
-        return croniter(self.entry.cron, base).get_prev(datetime).astimezone(timezone.utc)
+        return croniter(self.entry.cron, base).get_prev(datetime).astimezone(UTC)
 
     def next_due(self, now: datetime) -> datetime:
         from croniter import croniter
 
         zone = ZoneInfo(self.entry.timezone)
-        return croniter(self.entry.cron, now.astimezone(zone)).get_next(datetime).astimezone(timezone.utc)
+        return croniter(self.entry.cron, now.astimezone(zone)).get_next(datetime).astimezone(UTC)
 
 
 @dataclass(frozen=True)
@@ -182,4 +193,3 @@ def _unreachable(schedules: list[Schedule]) -> list[str]:
         if checked[address]:
             problems.append(f"{schedule.source}: address: {checked[address]}")
     return problems
-

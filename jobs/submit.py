@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Iterator
+from collections.abc import Iterator
 
 from pipelines.config import JobSpec
 from pipelines.errors import GemmaUnifiedError
@@ -17,7 +17,7 @@ SPEC_ENV = "GEMMA_UNIFIED_JOB_SPEC"
 # The driver's own ray.init forwards GEMMA_UNIFIED_* variables again; identical keys would otherwise be refused as a
 # conflict between the job's runtime env and the driver's.
 MERGE_ENV = {"RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
-ENTRYPOINT = f'printf \'%s\' "${SPEC_ENV}" | gemma-unified run /dev/stdin --no-progress'
+ENTRYPOINT = f"printf '%s' \"${SPEC_ENV}\" | gemma-unified run /dev/stdin --no-progress"
 METADATA_KEY = "gemma_unified_output"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 PROBE_TIMEOUT_S = 5.0

@@ -8,7 +8,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pipelines.cluster import connect as join_or_start
 from pipelines.config import JobSpec
@@ -66,8 +66,11 @@ class JobSummary:
 
 def connect(job: JobSpec) -> None:
     """Join the job's cluster (or RAY_ADDRESS), else start a local instance sized by the job."""
-    join_or_start(job.resources.address, num_cpus=job.resources.num_cpus or os.cpu_count(),
-                  object_store_bytes=job.resources.object_store_mb * 1024 * 1024)
+    join_or_start(
+        job.resources.address,
+        num_cpus=job.resources.num_cpus or os.cpu_count(),
+        object_store_bytes=job.resources.object_store_mb * 1024 * 1024,
+    )
 
 
 def _write_listing(job: JobSpec, out: OutputDir, run_id: str, skipped: list[str]) -> str:
@@ -81,11 +84,13 @@ def _write_listing(job: JobSpec, out: OutputDir, run_id: str, skipped: list[str]
 
     def flush() -> None:
         nonlocal page, pages
-        table = pa.table({
-            "id": pa.array([r["id"] for r in page], pa.string()),
-            "uri": pa.array([r["uri"] for r in page], pa.string()),
-            "container": pa.array([r["container"] for r in page], pa.string()),
-        })
+        table = pa.table(
+            {
+                "id": pa.array([r["id"] for r in page], pa.string()),
+                "uri": pa.array([r["uri"] for r in page], pa.string()),
+                "container": pa.array([r["container"] for r in page], pa.string()),
+            }
+        )
         with out.fs.open(f"{folder}/page-{pages:06d}.parquet", "wb") as handle:
             pq.write_table(table, handle)
         page, pages = [], pages + 1
@@ -181,7 +186,7 @@ def run(job: JobSpec, *, progress: bool = True, generate_stage=None) -> JobSumma
     `_job.json` always ends in a terminal state: `succeeded` (every item of the output), `partial` (some items
     failed), or, when the run itself could not finish, `failed` or `stopped` with the reason.
     """
-    started_at = datetime.now(timezone.utc)
+    started_at = datetime.now(UTC)
     out = OutputDir(job.output.url, job.output.storage_options)
     fingerprint = job.fingerprint()
     check_reachable(job.input.url, job.input.storage_options)
@@ -195,8 +200,14 @@ def run(job: JobSpec, *, progress: bool = True, generate_stage=None) -> JobSumma
     except BaseException as exc:
         stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))
         reason = "interrupted" if stopped else explain(exc)
-        out.write_manifest({**header, "status": "stopped" if stopped else "failed", "reason": reason,
-                            "finished_at": datetime.now(timezone.utc).isoformat()})
+        out.write_manifest(
+            {
+                **header,
+                "status": "stopped" if stopped else "failed",
+                "reason": reason,
+                "finished_at": datetime.now(UTC).isoformat(),
+            }
+        )
         raise
 
 
@@ -259,24 +270,37 @@ def _run(job: JobSpec, out: OutputDir, previous: dict, header: dict, progress: b
     summary.failed = out.count_ids(ERRORS)
     summary.total = summary.succeeded + summary.failed
     out.fs.rm(out.path("_work", f"listing-{run_id}"), recursive=True) if out.fs.exists(
-        out.path("_work", f"listing-{run_id}")) else None
-    out.write_manifest({
-        **header,
-        "status": "partial" if summary.failed else "succeeded",
-        "finished_at": datetime.now(timezone.utc).isoformat(),
-        "counts": {"total": summary.total, "succeeded": summary.succeeded, "failed": summary.failed},
-        "this_run": {"succeeded": summary.run_succeeded, "failed": summary.run_failed,
-                     "skipped_already_done": summary.skipped,
-                     "skipped_unsupported": summary.skipped_unsupported},
-        "skipped_unsupported": unsupported[:100],  # the first ids, so a person can see what was left out
-        "throughput": {"items_per_s": summary.items_per_s, "output_tokens_per_s": summary.tokens_per_s,
-                       "speculative_acceptance": summary.acceptance},
-        "tokens": {"prompt": summary.prompt_tokens, "output": summary.output_tokens,
-                   "spec_drafted": summary.spec_drafted, "spec_accepted": summary.spec_accepted},
-        "engine": summary.engine,
-        "timings": timings,
-        "runs": previous.get("runs", 0) + 1,
-    })
+        out.path("_work", f"listing-{run_id}")
+    ) else None
+    out.write_manifest(
+        {
+            **header,
+            "status": "partial" if summary.failed else "succeeded",
+            "finished_at": datetime.now(UTC).isoformat(),
+            "counts": {"total": summary.total, "succeeded": summary.succeeded, "failed": summary.failed},
+            "this_run": {
+                "succeeded": summary.run_succeeded,
+                "failed": summary.run_failed,
+                "skipped_already_done": summary.skipped,
+                "skipped_unsupported": summary.skipped_unsupported,
+            },
+            "skipped_unsupported": unsupported[:100],  # the first ids, so a person can see what was left out
+            "throughput": {
+                "items_per_s": summary.items_per_s,
+                "output_tokens_per_s": summary.tokens_per_s,
+                "speculative_acceptance": summary.acceptance,
+            },
+            "tokens": {
+                "prompt": summary.prompt_tokens,
+                "output": summary.output_tokens,
+                "spec_drafted": summary.spec_drafted,
+                "spec_accepted": summary.spec_accepted,
+            },
+            "engine": summary.engine,
+            "timings": timings,
+            "runs": previous.get("runs", 0) + 1,
+        }
+    )
     return summary
 
 

@@ -30,8 +30,14 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, object_s
         return
     logger.info("starting a local Ray instance (%s CPUs)", num_cpus or "all")
     try:
-        ray.init(num_cpus=num_cpus, object_store_memory=object_store_bytes, runtime_env=runtime_env,
-                 include_dashboard=False, log_to_driver=False, logging_level=ray_logging)
+        ray.init(
+            num_cpus=num_cpus,
+            object_store_memory=object_store_bytes,
+            runtime_env=runtime_env,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=ray_logging,
+        )
     except (RuntimeError, OSError, ValueError, TimeoutError) as exc:  # ray.init's own failures, e.g. its start timeout
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ClusterError(

@@ -96,7 +96,7 @@ class EngineSpec(Strict):
         return self.speculative != "off"
 
     @model_validator(mode="after")
-    def _engine_supports_quantization(self) -> "EngineSpec":
+    def _engine_supports_quantization(self) -> EngineSpec:
         if self.kind == "vllm" and self.quantization in VLLM_REFUSED_QUANTIZATION:
             raise ValueError(
                 f"quantization={self.quantization} runs on the transformers engine only (vLLM has no bitsandbytes "
@@ -104,8 +104,9 @@ class EngineSpec(Strict):
                 "checkpoint (model gemma-4-12b-it-qat)"
             )
         if self.kind == "vllm" and self.quantization == "fp8" and self.dtype == "float32":
-            raise ValueError("quantization=fp8 computes in bfloat16 or float16 on vLLM: set dtype to one of them "
-                             "(or auto)")
+            raise ValueError(
+                "quantization=fp8 computes in bfloat16 or float16 on vLLM: set dtype to one of them (or auto)"
+            )
         return self
 
 
@@ -152,8 +153,12 @@ class TaskSpec(Strict):
     language: str | None = Field(None, max_length=64, description="transcribe: the spoken language, if known.")
     source_language: str | None = Field(None, max_length=64, description="translate: the spoken language.")
     target_language: str | None = Field(None, max_length=64, description="translate: the language to translate into.")
-    question: str | None = Field(None, max_length=20_000, description="answer: the question (a manifest row may set its own).")
-    prompt: str | None = Field(None, max_length=20_000, description="prompt: the instruction; caption: replaces the default.")
+    question: str | None = Field(
+        None, max_length=20_000, description="answer: the question (a manifest row may set its own)."
+    )
+    prompt: str | None = Field(
+        None, max_length=20_000, description="prompt: the instruction; caption: replaces the default."
+    )
     system: str | None = Field(None, max_length=20_000, description="An optional system turn.")
     thinking: bool = Field(False, description="Let the model think first (thoughts are stripped from the output).")
     max_new_tokens: int = Field(256, ge=1, le=32_768, description="Output tokens per request.")
@@ -169,7 +174,9 @@ class ResourcesSpec(Strict):
     replicas: int = Field(1, ge=1, le=1024, description="Model actors (one model replica each).")
     batch_size: int = Field(8, ge=1, le=4096, description="Units handed to a model actor per call.")
     max_concurrent_batches: int = Field(
-        4, ge=1, le=256,
+        4,
+        ge=1,
+        le=256,
         description="Ray Data batches in flight per model actor: the replica runtime re-batches their requests so "
         "the engine always has a full batch waiting (like ray.data.llm's max_concurrent_batches).",
     )
@@ -187,7 +194,9 @@ class ResourcesSpec(Strict):
     num_cpus: int | None = Field(None, ge=1, le=100_000, description="CPUs for a local Ray instance.")
     object_store_mb: int = Field(1024, ge=64, le=1_000_000, description="Object store size of a local Ray instance.")
     max_replica_restarts: int = Field(
-        3, ge=0, le=1000,
+        3,
+        ge=0,
+        le=1000,
         description="Times a model actor is replaced after a fatal engine error (out of memory, dead engine) before "
         "the job fails; its in-flight units are retried on the replacement.",
     )
@@ -268,7 +277,8 @@ def read_spec_file(path: str | Path, what: str, sections: str) -> dict:
     return data
 
 
-def load_spec_file(model: type[SpecT], path: str | Path | None, overrides: dict | None, what: str,
-                   sections: str) -> SpecT:
+def load_spec_file(
+    model: type[SpecT], path: str | Path | None, overrides: dict | None, what: str, sections: str
+) -> SpecT:
     data = read_spec_file(path, what, sections) if path else {}
     return build_spec(model, data, overrides, str(path) if path else "command line")

@@ -22,7 +22,7 @@ class ItemError(GemmaUnifiedError):
         where = f"{item}: " if item else ""
         super().__init__(f"{where}{message}")
 
-    def with_item(self, item: str) -> "ItemError":
+    def with_item(self, item: str) -> ItemError:
         """Return the same error naming `item`, for layers that learn the item's name late."""
         if self.item:
             return self
@@ -71,8 +71,15 @@ class FatalEngineError(GemmaUnifiedError):
 
 # What a CUDA or engine failure says when it leaves the replica unusable; a bad request never says these.
 _FATAL_TYPES = {"OutOfMemoryError", "EngineDeadError", "FatalEngineError"}
-_FATAL_MESSAGES = ("CUDA out of memory", "CUDA error", "CUBLAS_STATUS_", "cuDNN error", "NCCL error",
-                   "device-side assert", "illegal memory access")
+_FATAL_MESSAGES = (
+    "CUDA out of memory",
+    "CUDA error",
+    "CUBLAS_STATUS_",
+    "cuDNN error",
+    "NCCL error",
+    "device-side assert",
+    "illegal memory access",
+)
 
 
 def is_fatal(exc: BaseException) -> bool:
@@ -114,12 +121,16 @@ def explain(exc: BaseException) -> str:
     if isinstance(cause, ImportError):
         package = (cause.name or "").split(".")[0]
         if package == "vllm":
-            return ("the vLLM engine is not installed here: pip install -c constraints.txt '.[vllm]' on a GPU "
-                    "machine, or use the transformers engine (--engine transformers)")
+            return (
+                "the vLLM engine is not installed here: pip install -c constraints.txt '.[vllm]' on a GPU "
+                "machine, or use the transformers engine (--engine transformers)"
+            )
         return f"a required package is missing ({cause}): reinstall with pip install -c constraints.txt -e ."
     text = str(cause).strip()
     if any(marker in text for marker in ("InvalidAuthToken", "Unauthenticated", "UNAUTHENTICATED")):
-        return ("the Ray cluster refused this client's authentication token: give it the cluster's token "
-                "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH to its file, or ~/.ray/auth_token)")
+        return (
+            "the Ray cluster refused this client's authentication token: give it the cluster's token "
+            "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH to its file, or ~/.ray/auth_token)"
+        )
     first = text.splitlines()[0] if text else ""
     return f"{type(cause).__name__}: {first}" if first else type(cause).__name__

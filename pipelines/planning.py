@@ -103,7 +103,8 @@ def model_shape(config_dir: str | Path) -> ModelShape:
         model = _model_class(config)(config)
     params = sum(p.numel() for p in model.parameters())
     quantizable = sum(
-        m.weight.numel() for name, m in model.named_modules()
+        m.weight.numel()
+        for name, m in model.named_modules()
         if isinstance(m, torch.nn.Linear) and re.search(r"(?:^|\.)layers\.\d+\.", name)
     )
     text = config.get_text_config()

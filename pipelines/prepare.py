@@ -5,8 +5,9 @@ This is the CPU half of the pipeline: the batch Prepare stage, the endpoint and 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from pipelines.config import MediaSpec
 from pipelines.engines.base import PreparedRequest, SamplingParams
@@ -57,16 +58,18 @@ def check_modality(options: TaskOptions, modality: str | None, label: str) -> st
     if modality is None:
         takes = _TASK_MODALITIES[options.task] - {TEXT}
         if len(takes) != 1:
-            raise DecodeError("unknown format: not an image, audio file, PDF or UTF-8 text this project reads",
-                              item=label)
+            raise DecodeError(
+                "unknown format: not an image, audio file, PDF or UTF-8 text this project reads", item=label
+            )
         (modality,) = takes  # a caption gets Pillow's verdict, a transcription the audio decoders'
     if modality not in _TASK_MODALITIES[options.task]:
         raise UnsupportedInput(f"task {options.task.value!r} does not take {modality} input", item=label)
     return modality
 
 
-def _request(tokenizer, options: TaskOptions, sampling: SamplingParams, request_id: str,
-             media: list[tuple[str, int]], **arrays) -> PreparedRequest:
+def _request(
+    tokenizer, options: TaskOptions, sampling: SamplingParams, request_id: str, media: list[tuple[str, int]], **arrays
+) -> PreparedRequest:
     prompt = build_prompt(tokenizer, options, media)
     return PreparedRequest(
         id=request_id,
@@ -84,24 +87,45 @@ class AudioRequests:
     collects them and settles both. `clip` is the AudioStream (rate, channels, duration once iterated).
     """
 
-    def __init__(self, source, *, item_id: str, tokenizer, options: TaskOptions, label: str,
-                 limits: MediaSpec = MediaSpec(), sampling: SamplingParams = SamplingParams()) -> None:
+    def __init__(
+        self,
+        source,
+        *,
+        item_id: str,
+        tokenizer,
+        options: TaskOptions,
+        label: str,
+        limits: MediaSpec = MediaSpec(),
+        sampling: SamplingParams = SamplingParams(),
+    ) -> None:
         self.item_id, self.tokenizer, self.options, self.sampling = item_id, tokenizer, options, sampling
         self.clip = audio_media.AudioStream(
-            source, item=label, window_s=limits.window_s, overlap_s=limits.overlap_s,
+            source,
+            item=label,
+            window_s=limits.window_s,
+            overlap_s=limits.overlap_s,
             max_duration_s=limits.max_audio_s,
         )
 
     def __iter__(self) -> Iterator[tuple[PreparedRequest, Segment]]:
         for window in self.clip:
-            request = _request(self.tokenizer, self.options, self.sampling, f"{self.item_id}#{window.index}",
-                               [(AUDIO, window.tokens)], audio_frames=[window.frames])
+            request = _request(
+                self.tokenizer,
+                self.options,
+                self.sampling,
+                f"{self.item_id}#{window.index}",
+                [(AUDIO, window.tokens)],
+                audio_frames=[window.frames],
+            )
             yield request, Segment(window.index, 0, window.start_s, window.end_s)
 
     @property
     def detail(self) -> dict:
-        return {"duration_s": self.clip.duration_s, "sample_rate": self.clip.sample_rate_in,
-                "channels": self.clip.channels_in}
+        return {
+            "duration_s": self.clip.duration_s,
+            "sample_rate": self.clip.sample_rate_in,
+            "channels": self.clip.channels_in,
+        }
 
 
 def prepare_item(
@@ -132,8 +156,9 @@ def prepare_item(
         return PreparedItem(item_id, IMAGE, [req], [Segment()], detail)
 
     if modality == AUDIO:
-        windows = AudioRequests(data, item_id=item_id, tokenizer=tokenizer, options=options, label=label,
-                                limits=limits, sampling=sampling)
+        windows = AudioRequests(
+            data, item_id=item_id, tokenizer=tokenizer, options=options, label=label, limits=limits, sampling=sampling
+        )
         pairs = list(windows)
         count = len(pairs)
         requests = [req if count > 1 else replace(req, id=item_id) for req, _ in pairs]

@@ -42,7 +42,7 @@ class TaskOptions:
     system: str | None = None
     thinking: bool = False
 
-    def validate(self, item: str | None = None) -> "TaskOptions":
+    def validate(self, item: str | None = None) -> TaskOptions:
         if self.task is Task.translate and not (self.source_language and self.target_language):
             raise InvalidRequest("translate needs source_language and target_language", item=item)
         if self.task is Task.answer and not self.question:
@@ -136,7 +136,10 @@ def render(tokenizer, messages: list[dict], *, thinking: bool = False, continue_
     """The chat as text, ending with the model's turn opened, or with the last (model) message left open to be
     continued."""
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=not continue_final, continue_final_message=continue_final,
+        messages,
+        tokenize=False,
+        add_generation_prompt=not continue_final,
+        continue_final_message=continue_final,
         enable_thinking=thinking,
     )
 
@@ -155,8 +158,7 @@ def _with_slots(messages: list[dict], nonce: str) -> tuple[list[dict], list[str]
         if isinstance(content, str):
             content = slot(content)
         elif isinstance(content, list):
-            content = [{**part, "text": slot(part["text"])} if part.get("type") == "text" else part
-                       for part in content]
+            content = [{**part, "text": slot(part["text"])} if part.get("type") == "text" else part for part in content]
         slotted.append({**message, "content": content})
     return slotted, texts
 
@@ -170,8 +172,9 @@ def text_ids(tokenizer, messages: list[dict], *, thinking: bool = False, continu
     """
     nonce = uuid.uuid4().hex
     slotted, texts = _with_slots(messages, nonce)
-    pieces = re.split(f"\ue000{nonce}:(\\d+)\ue001", render(tokenizer, slotted, thinking=thinking,
-                                                                     continue_final=continue_final))
+    pieces = re.split(
+        f"\ue000{nonce}:(\\d+)\ue001", render(tokenizer, slotted, thinking=thinking, continue_final=continue_final)
+    )
     ids: list[int] = []
     for index, piece in enumerate(pieces):
         if index % 2:

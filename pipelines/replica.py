@@ -25,8 +25,8 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 from pipelines.config import EngineSpec, ModelSpec
 from pipelines.engines.base import GenerationResult, PreparedRequest
@@ -207,7 +207,7 @@ class Replica:
                     self._arrived.clear()
                     try:
                         await asyncio.wait_for(self._arrived.wait(), left)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         break
             batch = [p for p in self._take() if not p.future.done()]  # callers that gave up are not run
             if batch:
@@ -235,7 +235,7 @@ class Replica:
         except FatalEngineError as exc:
             outcomes = [exc] * len(batch)
             self._fail_waiting(exc)
-        except Exception as exc:  # noqa: BLE001 - every caller of the batch must hear about it
+        except Exception as exc:
             outcomes = [exc] * len(batch)
         finally:
             self._ended(len(batch))
@@ -265,17 +265,21 @@ class Replica:
         """
         try:
             return list(self.engine.generate(requests))
-        except Exception as exc:  # noqa: BLE001 - sorted out below
+        except Exception as exc:
             self._check_fatal(exc)
             if len(requests) == 1:
                 return [exc]
-            logger.warning("a batch of %d failed (%s: %s); generating one by one to find the bad request",
-                           len(requests), type(exc).__name__, exc)
+            logger.warning(
+                "a batch of %d failed (%s: %s); generating one by one to find the bad request",
+                len(requests),
+                type(exc).__name__,
+                exc,
+            )
         outcomes: list[GenerationResult | Exception] = []
         for request in requests:
             try:
                 outcomes.append(self.engine.generate([request])[0])
-            except Exception as exc:  # noqa: BLE001 - this request's own answer
+            except Exception as exc:
                 self._check_fatal(exc)
                 outcomes.append(exc)
         return outcomes

@@ -13,8 +13,9 @@ import logging
 import os
 import posixpath
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import fsspec
 
@@ -120,7 +121,7 @@ def _recognised(fs, path: str) -> bool:
     try:
         with fs.open(path, "rb") as handle:
             return sniff(handle) is not None
-    except Exception as exc:  # noqa: BLE001 - unreadable now: list it, so reading it fails as this item's error row
+    except Exception as exc:
         logger.debug("cannot sniff %s while listing (%s): listed for its read to report", path, exc)
         return True
 
@@ -194,7 +195,9 @@ def _tar_items(shard_id: str, uri: str, data: bytes) -> Iterator[Item]:
         fields = {}
         if "json" in members:
             try:
-                fields = {k: v for k, v in json.loads(members.pop("json")).items() if k in (*ROW_FIELDS, "max_soft_tokens")}
+                fields = {
+                    k: v for k, v in json.loads(members.pop("json")).items() if k in (*ROW_FIELDS, "max_soft_tokens")
+                }
             except (ValueError, AttributeError):
                 fields = {}
         media = next(((ext, b) for ext, b in members.items() if "." + ext.rsplit(".", 1)[-1] in MEDIA_SUFFIXES), None)

@@ -52,7 +52,7 @@ def stitch_windows(out: OutputDir) -> StitchCounts:
             windows[index] = row
 
     results, errors, pending = [], [], []
-    for item_id, windows in clips.items():
+    for windows in clips.values():
         total = max(row["window_total"] for row in windows.values())
         if not total or len(windows) < total:
             pending.extend(windows.values())
@@ -84,8 +84,9 @@ def stitch_windows(out: OutputDir) -> StitchCounts:
         if kept is None or part != out.path(kept):
             out.fs.rm(part)
     if counts.succeeded or counts.failed:
-        logger.info("stitched %d audio clips from their windows (%d failed)", counts.succeeded + counts.failed,
-                    counts.failed)
+        logger.info(
+            "stitched %d audio clips from their windows (%d failed)", counts.succeeded + counts.failed, counts.failed
+        )
     return counts
 
 
@@ -122,5 +123,11 @@ def _clip_result(windows: list[dict]) -> dict:
 
 def _clip_error(first: dict, failed: list[dict], total: int) -> dict:
     message = "; ".join(f"audio window {window_index(row['id']) + 1} of {total}: {row['error']}" for row in failed)
-    return {"id": first["item_id"], "item_id": first["item_id"], "source": first["source"], "task": first["task"],
-            "stage": failed[0]["error_stage"], "error": message}
+    return {
+        "id": first["item_id"],
+        "item_id": first["item_id"],
+        "source": first["source"],
+        "task": first["task"],
+        "stage": failed[0]["error_stage"],
+        "error": message,
+    }

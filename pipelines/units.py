@@ -20,9 +20,20 @@ FRAME = 640
 # The columns of a prepared unit, besides the arrays `pack` makes: where it comes from, what to do with it, and
 # `error`/`error_stage` (set, with empty arrays, when preparing it failed).
 UNIT_FIELDS = ("id", "item_id", "source", "task", "error", "error_stage", "segments_in", "pages", "window_total")
-UNIT_ARRAYS = ("request_ids", "prompt_token_ids", "prompt_lengths", "mm_token_type_ids", "image_patches",
-               "image_positions", "image_tokens_each", "images_per_request", "audio_frames", "audio_tokens_each",
-               "audio_per_request", "sampling")
+UNIT_ARRAYS = (
+    "request_ids",
+    "prompt_token_ids",
+    "prompt_lengths",
+    "mm_token_type_ids",
+    "image_patches",
+    "image_positions",
+    "image_tokens_each",
+    "images_per_request",
+    "audio_frames",
+    "audio_tokens_each",
+    "audio_per_request",
+    "sampling",
+)
 UNIT_COLUMNS = UNIT_FIELDS + UNIT_ARRAYS
 
 

@@ -20,6 +20,8 @@ from serving.spec import ServeSpec, build_spec, load_spec
 
 INGRESS_NAME = "Ingress"
 MODEL_NAME = "Model"
+
+
 class Ingress:
     def __init__(self, spec: dict, model, key_digests: list[str]) -> None:
         from ray.serve import get_replica_context
@@ -32,15 +34,17 @@ class Ingress:
         config = ServeSpec.model_validate(spec)
         try:
             replica = get_replica_context().replica_id.unique_id
-        except Exception:  # noqa: BLE001 - outside Serve (tests)
+        except Exception:
             replica = "local"
         metrics = Metrics(replica)
-        backend = ServeModelBackend(model, metrics, retry_after_s=config.limits.retry_after_s,
-                                    timeout_s=config.limits.request_timeout_s)
+        backend = ServeModelBackend(
+            model, metrics, retry_after_s=config.limits.retry_after_s, timeout_s=config.limits.request_timeout_s
+        )
         # Keys from this replica's own environment count too (runtime_env of `serve deploy`).
         authenticator = Authenticator(set(key_digests) | configured_digests([]))
-        self._api = build_api(config, backend, load_tokenizer(config.model), authenticator=authenticator,
-                              metrics=metrics)
+        self._api = build_api(
+            config, backend, load_tokenizer(config.model), authenticator=authenticator, metrics=metrics
+        )
 
     def __serve_build_asgi_app__(self):
         return self._api
@@ -71,8 +75,11 @@ def build_app(spec: ServeSpec):
         autoscaling_config=model_scaling.serve_config(),
         max_ongoing_requests=model_scaling.max_ongoing_requests,
         max_queued_requests=spec.limits.max_queued_requests,
-        ray_actor_options={"num_cpus": spec.resources.model.num_cpus, "num_gpus": _model_gpus(spec),
-                           "runtime_env": env},
+        ray_actor_options={
+            "num_cpus": spec.resources.model.num_cpus,
+            "num_gpus": _model_gpus(spec),
+            "runtime_env": env,
+        },
         health_check_period_s=10,
         health_check_timeout_s=60,
         graceful_shutdown_timeout_s=30,
@@ -84,8 +91,11 @@ def build_app(spec: ServeSpec):
         # Past this, Serve's proxy itself answers 503 + Retry-After rather than queueing without bound.
         max_queued_requests=max(ingress_scaling.max_ongoing_requests, spec.limits.max_queued_requests),
         backpressure_config=backpressure,
-        ray_actor_options={"num_cpus": spec.resources.ingress.num_cpus,
-                           "num_gpus": spec.resources.ingress.num_gpus or 0, "runtime_env": env},
+        ray_actor_options={
+            "num_cpus": spec.resources.ingress.num_cpus,
+            "num_gpus": spec.resources.ingress.num_gpus or 0,
+            "runtime_env": env,
+        },
     )
     digests = sorted(configured_digests(spec.auth.api_keys))
     return ingress.bind(payload, model.bind(payload), digests)
@@ -117,7 +127,13 @@ def connect(spec: ServeSpec, address: str | None = None, *, num_cpus: int | None
 
 def start(spec: ServeSpec, *, blocking: bool = False):
     """Start Serve's HTTP proxy on the spec's host and port and deploy the app; returns the ingress handle."""
-    serve.start(http_options={"host": spec.http.host, "port": spec.http.port},
-                logging_config={"log_level": spec.log_level})
-    return serve.run(build_app(spec), name=spec.app_name, route_prefix=spec.route_prefix, blocking=blocking,
-                     logging_config={"log_level": spec.log_level})
+    serve.start(
+        http_options={"host": spec.http.host, "port": spec.http.port}, logging_config={"log_level": spec.log_level}
+    )
+    return serve.run(
+        build_app(spec),
+        name=spec.app_name,
+        route_prefix=spec.route_prefix,
+        blocking=blocking,
+        logging_config={"log_level": spec.log_level},
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from serving.errors import APIError
 from serving.spec import API_KEYS_ENV
@@ -34,8 +34,12 @@ class Authenticator:
             return
         scheme, _, key = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
-            raise APIError(401, "no API key: send `Authorization: Bearer <key>`", code="missing_api_key",
-                           type="authentication_error")
+            raise APIError(
+                401,
+                "no API key: send `Authorization: Bearer <key>`",
+                code="missing_api_key",
+                type="authentication_error",
+            )
         candidate = digest(key.strip())
         # Compare against every digest so the time taken does not say which (if any) matched.
         matched = False

@@ -29,9 +29,23 @@ from serving.spec import ServeSpec
 
 LOW_DETAIL_SOFT_TOKENS = 70
 # Request fields accepted only at their neutral value (see ChatCompletionRequest).
-_NEUTRAL_ONLY = ("logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call", "modalities",
-                 "audio", "prediction", "web_search_options", "reasoning_effort", "verbosity", "moderation", "store",
-                 "ignore_eos")
+_NEUTRAL_ONLY = (
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "modalities",
+    "audio",
+    "prediction",
+    "web_search_options",
+    "reasoning_effort",
+    "verbosity",
+    "moderation",
+    "store",
+    "ignore_eos",
+)
 
 
 @dataclass
@@ -54,8 +68,12 @@ class ChatService:
     def check(self, body: ChatCompletionRequest) -> None:
         """Refusals that need no decoding: model name, unsupported options, counts, output tokens."""
         if body.model != self.spec.model_id:
-            raise APIError(404, f"the model {body.model!r} does not exist; this endpoint serves "
-                                f"{self.spec.model_id!r}", param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model {body.model!r} does not exist; this endpoint serves {self.spec.model_id!r}",
+                param="model",
+                code="model_not_found",
+            )
         for name in _NEUTRAL_ONLY:
             value = getattr(body, name)
             if not (value in (None, False, [], {}, "none") or (name == "modalities" and value == ["text"])):
@@ -65,8 +83,12 @@ class ChatService:
         vocabulary = len(self.tokenizer)
         for token in body.logit_bias or {}:
             if int(token) >= vocabulary:
-                raise APIError(400, f"logit_bias names token {token}; this model's ids end at {vocabulary - 1}",
-                               param="logit_bias", code="invalid_value")
+                raise APIError(
+                    400,
+                    f"logit_bias names token {token}; this model's ids end at {vocabulary - 1}",
+                    param="logit_bias",
+                    code="invalid_value",
+                )
         if body.stream:
             for name in ("frequency_penalty", "presence_penalty", "logit_bias"):
                 if getattr(body, name):
@@ -77,15 +99,27 @@ class ChatService:
         images = sum(isinstance(p, ImagePart) for m in body.messages if isinstance(m.content, list) for p in m.content)
         audios = sum(p.type == "input_audio" for m in body.messages if isinstance(m.content, list) for p in m.content)
         if images > limits.max_images_per_request:
-            raise APIError(400, f"{images} images in one request; the limit is {limits.max_images_per_request}",
-                           param="messages", code="too_many_images")
+            raise APIError(
+                400,
+                f"{images} images in one request; the limit is {limits.max_images_per_request}",
+                param="messages",
+                code="too_many_images",
+            )
         if audios > limits.max_audio_per_request:
-            raise APIError(400, f"{audios} audio clips in one request; the limit is {limits.max_audio_per_request}",
-                           param="messages", code="too_many_audio_clips")
+            raise APIError(
+                400,
+                f"{audios} audio clips in one request; the limit is {limits.max_audio_per_request}",
+                param="messages",
+                code="too_many_audio_clips",
+            )
         wanted = body.output_tokens
         if wanted is not None and wanted > limits.max_output_tokens:
-            raise APIError(400, f"max_tokens {wanted} is over this endpoint's limit of {limits.max_output_tokens}",
-                           param="max_tokens", code="max_tokens_too_large")
+            raise APIError(
+                400,
+                f"max_tokens {wanted} is over this endpoint's limit of {limits.max_output_tokens}",
+                param="max_tokens",
+                code="max_tokens_too_large",
+            )
 
     def sampling(self, body: ChatCompletionRequest, prompt_tokens: int) -> SamplingParams:
         limits, defaults = self.spec.limits, self.spec.sampling
@@ -95,8 +129,8 @@ class ChatService:
         if top_p == 0:  # only the likeliest token is left: greedy (engines refuse a top_p of 0 itself)
             temperature, top_p = 0.0, 1.0
         return SamplingParams(
-            max_new_tokens=body.output_tokens or min(limits.default_output_tokens or room, limits.max_output_tokens,
-                                                     max(room, 1)),
+            max_new_tokens=body.output_tokens
+            or min(limits.default_output_tokens or room, limits.max_output_tokens, max(room, 1)),
             temperature=temperature,
             top_p=top_p,
             top_k=defaults.top_k if body.top_k is None else body.top_k,
@@ -123,8 +157,10 @@ class ChatService:
         media: list[_Media] = []
         for index, message in enumerate(body.messages):
             role = "system" if message.role in ("system", "developer") else message.role
-            parts = [TextPart(type="text", text=message.content)] if isinstance(message.content, str) else (
-                message.content or []
+            parts = (
+                [TextPart(type="text", text=message.content)]
+                if isinstance(message.content, str)
+                else (message.content or [])
             )
             if role == "system":
                 if any(not isinstance(p, TextPart) for p in parts):
@@ -169,8 +205,12 @@ class ChatService:
         for item in media:
             try:
                 if item.kind == "image":
-                    image = image_media.prepare_image(item.data, max_soft_tokens=item.soft_tokens, item=item.param,
-                                                      max_pixels=self.spec.media.max_pixels)
+                    image = image_media.prepare_image(
+                        item.data,
+                        max_soft_tokens=item.soft_tokens,
+                        item=item.param,
+                        max_pixels=self.spec.media.max_pixels,
+                    )
                     patches.append(image.patches)
                     positions.append(image.positions)
                     counts.append(image.tokens)
@@ -182,16 +222,25 @@ class ChatService:
                 raise from_item_error(exc, item.param) from None
         try:
             # A conversation that ends with the model's message asks for that message to be continued.
-            prompt = tokenize(self.tokenizer, messages, counts, thinking=body.thinking,
-                              continue_final=messages[-1]["role"] == "assistant")
+            prompt = tokenize(
+                self.tokenizer,
+                messages,
+                counts,
+                thinking=body.thinking,
+                continue_final=messages[-1]["role"] == "assistant",
+            )
         except InvalidRequest as exc:
             raise from_item_error(exc, "messages") from None
         sampling = self.sampling(body, len(prompt.ids))
         total = len(prompt.ids) + sampling.max_new_tokens
         if total > self.spec.engine.max_model_len:
-            raise APIError(400, f"the prompt ({len(prompt.ids)} tokens) plus max_tokens ({sampling.max_new_tokens}) "
-                                f"exceeds the model's context of {self.spec.engine.max_model_len} tokens",
-                           param="messages", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt ({len(prompt.ids)} tokens) plus max_tokens ({sampling.max_new_tokens}) "
+                f"exceeds the model's context of {self.spec.engine.max_model_len} tokens",
+                param="messages",
+                code="context_length_exceeded",
+            )
         return PreparedRequest(
             id=f"chat-{uuid.uuid4().hex[:12]}",
             prompt_token_ids=prompt.ids,
@@ -224,5 +273,6 @@ class ChatService:
 
 
 def usage(prompt_tokens: int, output_tokens: int) -> Usage:
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=output_tokens,
-                 total_tokens=prompt_tokens + output_tokens)
+    return Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=output_tokens, total_tokens=prompt_tokens + output_tokens
+    )

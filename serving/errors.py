@@ -18,10 +18,20 @@ OVERLOADED = "overloaded_error"
 
 
 # The `code` of errors raised without a more specific one: clients branch on it, so it is never null.
-DEFAULT_CODES = {400: "invalid_request", 401: "invalid_api_key", 403: "forbidden", 404: "not_found",
-                 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type",
-                 429: "rate_limited", 499: "client_closed_request", 500: "internal_error", 503: "overloaded",
-                 504: "timeout"}
+DEFAULT_CODES = {
+    400: "invalid_request",
+    401: "invalid_api_key",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+    499: "client_closed_request",
+    500: "internal_error",
+    503: "overloaded",
+    504: "timeout",
+}
 
 
 class APIError(Exception):
@@ -75,8 +85,9 @@ def _location(loc: tuple) -> str | None:
             tag_next = True  # a list of tagged unions: after the index comes the tag, which is no field
         elif tag_next and isinstance(p, str):
             tag_next = False
-        elif not (isinstance(p, str) and (p in _UNION_BRANCHES or "[" in p or p in ("body", "query", "path",
-                                                                                         "header"))):
+        elif not (
+            isinstance(p, str) and (p in _UNION_BRANCHES or "[" in p or p in ("body", "query", "path", "header"))
+        ):
             parts.append(str(p))
     return ".".join(parts) or None
 
@@ -90,8 +101,9 @@ def from_validation_errors(errors: list[dict]) -> APIError:
     """FastAPI's / pydantic's error list -> one 400 naming the first bad field (malformed JSON included)."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "value_error"}
     if first.get("type") == "json_invalid":
-        return APIError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
-                        code="invalid_json")
+        return APIError(
+            400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", code="invalid_json"
+        )
     # For a union (`content` as text or parts) pydantic reports every branch; the deepest error is the one meant.
     errors = sorted(errors, key=lambda e: -len((_location(tuple(e.get("loc", ()))) or "").split(".")))
     param = _location(tuple(errors[0].get("loc", ())))

@@ -63,15 +63,17 @@ class MediaFetcher:
         if scheme in ("http", "https"):
             try:
                 return await asyncio.wait_for(self._fetch_http(url), self.spec.fetch_timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise InvalidRequest(f"fetching {url} took longer than {self.spec.fetch_timeout_s:g} s") from None
         if scheme in OBJECT_STORAGE_SCHEMES:
             if not self.spec.allow_object_storage:
                 raise ForbiddenURL(f"{scheme}:// URLs are not enabled on this endpoint")
             return await asyncio.to_thread(self._fetch_object, url)
-        raise ForbiddenURL(f"unsupported URL scheme {scheme or '(none)'!r}: use a data: URL"
-                           + (", an allow-listed http(s) URL" if self.spec.http_allow_list else "")
-                           + (" or object storage" if self.spec.allow_object_storage else ""))
+        raise ForbiddenURL(
+            f"unsupported URL scheme {scheme or '(none)'!r}: use a data: URL"
+            + (", an allow-listed http(s) URL" if self.spec.http_allow_list else "")
+            + (" or object storage" if self.spec.allow_object_storage else "")
+        )
 
     def _check_http(self, url: str) -> None:
         parts = urlsplit(url)
@@ -113,7 +115,7 @@ class MediaFetcher:
                 data = handle.read(self.spec.max_fetch_bytes + 1)
         except FileNotFoundError:
             raise InvalidRequest(f"{url} does not exist") from None
-        except Exception as exc:  # noqa: BLE001 - any backend error: credentials, endpoint, permissions
+        except Exception as exc:
             logger.info("cannot read %s: %s: %s", url, type(exc).__name__, exc)
             raise InvalidRequest(f"cannot read {url}: {type(exc).__name__}: {exc}") from None
         if len(data) > self.spec.max_fetch_bytes:

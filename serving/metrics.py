@@ -29,38 +29,51 @@ class Metrics:
             "gemma_unified_requests", "HTTP requests answered, by route and status code.", ["route", "status"], **labels
         )
         self.latency = Histogram(
-            "gemma_unified_request_latency_seconds", "Time from request to the end of the answer, by route.",
-            ["route"], buckets=_LATENCY_BUCKETS, **labels,
+            "gemma_unified_request_latency_seconds",
+            "Time from request to the end of the answer, by route.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            **labels,
         )
         self.first_token = Histogram(
-            "gemma_unified_time_to_first_token_seconds", "Streaming: time from request to the first text.",
-            buckets=_LATENCY_BUCKETS, **labels,
+            "gemma_unified_time_to_first_token_seconds",
+            "Streaming: time from request to the first text.",
+            buckets=_LATENCY_BUCKETS,
+            **labels,
         )
         self.tokens = Counter(
             "gemma_unified_tokens", "Tokens processed, by kind: prompt (all), image, audio, output.", ["kind"], **labels
         )
         self.queue_depth = Gauge(
             "gemma_unified_model_queue_depth",
-            "Requests this ingress replica has sent to the model deployment and not yet had answered.", **labels,
+            "Requests this ingress replica has sent to the model deployment and not yet had answered.",
+            **labels,
         )
         self.batch_size = Histogram(
-            "gemma_unified_batch_size", "Requests in the model batch each answered request ran in.",
-            buckets=_BATCH_BUCKETS, **labels,
+            "gemma_unified_batch_size",
+            "Requests in the model batch each answered request ran in.",
+            buckets=_BATCH_BUCKETS,
+            **labels,
         )
         self.model_queue_wait = Histogram(
-            "gemma_unified_model_queue_wait_seconds", "Time a request waited inside a model replica for its batch.",
-            buckets=_LATENCY_BUCKETS, **labels,
+            "gemma_unified_model_queue_wait_seconds",
+            "Time a request waited inside a model replica for its batch.",
+            buckets=_LATENCY_BUCKETS,
+            **labels,
         )
         self.spec_drafted = Counter(
-            "gemma_unified_speculative_draft_tokens", "Speculative decoding: tokens proposed by the MTP assistant.",
+            "gemma_unified_speculative_draft_tokens",
+            "Speculative decoding: tokens proposed by the MTP assistant.",
             **labels,
         )
         self.spec_accepted = Counter(
-            "gemma_unified_speculative_accepted_tokens", "Speculative decoding: drafted tokens the model accepted.",
+            "gemma_unified_speculative_accepted_tokens",
+            "Speculative decoding: drafted tokens the model accepted.",
             **labels,
         )
         self.spec_acceptance = Gauge(
-            "gemma_unified_speculative_acceptance_ratio", "Accepted / drafted tokens since this replica started.",
+            "gemma_unified_speculative_acceptance_ratio",
+            "Accepted / drafted tokens since this replica started.",
             **labels,
         )
         self.rejected = Counter(

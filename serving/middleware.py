@@ -37,8 +37,9 @@ class BodyLimit:
     def _error(self) -> APIError:
         if self.metrics:
             self.metrics.rejected.labels("body_too_large").inc()
-        return APIError(413, f"the request body is over the limit of {self.max_bytes:,} bytes",
-                        code="request_too_large")
+        return APIError(
+            413, f"the request body is over the limit of {self.max_bytes:,} bytes", code="request_too_large"
+        )
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":

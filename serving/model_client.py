@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Protocol
+from collections.abc import AsyncIterator
+from typing import Protocol
 
 from pipelines.engines.base import PreparedRequest
 from serving.errors import SERVER, APIError, overloaded
@@ -54,12 +55,13 @@ class ServeModelBackend:
         try:
             response = self.handle.generate.remote(request)
             reply: ModelReply = await asyncio.wait_for(response, self.timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             logger.warning("request %s: no answer from the model within %g s; cancelled", request.id, self.timeout_s)
             response.cancel()
-            raise APIError(504, f"the model did not answer within {self.timeout_s:g} s", type=SERVER,
-                           code="timeout") from None
-        except Exception as exc:  # noqa: BLE001
+            raise APIError(
+                504, f"the model did not answer within {self.timeout_s:g} s", type=SERVER, code="timeout"
+            ) from None
+        except Exception as exc:
             mapped = self._overload(exc)
             if mapped:
                 raise mapped from None
@@ -78,7 +80,7 @@ class ServeModelBackend:
             try:
                 async for event in events:
                     yield event
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 mapped = self._overload(exc)
                 if mapped:
                     raise mapped from None
@@ -90,6 +92,6 @@ class ServeModelBackend:
         response = self.handle.ready.remote()
         try:
             return await asyncio.wait_for(response, timeout_s)
-        except Exception:  # noqa: BLE001 - loading, unavailable or overloaded: not ready
+        except Exception:
             response.cancel()
             return None

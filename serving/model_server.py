@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from pipelines.engines.base import GenerationResult, PreparedRequest, check_fits
 from pipelines.errors import FatalEngineError, ItemError, explain
@@ -55,7 +55,7 @@ class ModelServer:
         self.load_error: str | None = None
         try:
             self.engine = engine if engine is not None else open_engine(self.spec.model, self.spec.engine)
-        except Exception as exc:  # noqa: BLE001 - kept as this replica's state, see below
+        except Exception as exc:
             # A model that cannot load (missing files, missing extra) will not load on a retry either: the replica
             # stays up and says why, in its log, in /health/ready and in every answer, rather than Serve's bare
             # "failed to update the deployments" after endless restarts.
@@ -80,7 +80,7 @@ class ModelServer:
         try:
             scheduled = await self.replica.submit(request)
             reply = ModelReply(result=scheduled.result, batch_size=scheduled.batch_size, queued_s=scheduled.queued_s)
-        except Exception as exc:  # noqa: BLE001 - becomes the request's error answer
+        except Exception as exc:
             reply = ModelReply(error=model_error(exc))
         reply.replica_s = time.perf_counter() - started
         return reply
@@ -107,7 +107,7 @@ class ModelServer:
             if tail:
                 text.append(tail)
                 yield {"delta": tail}
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             error = model_error(exc)
             yield {"error": {"status": error.status, "message": error.message, "code": error.code}}
             return

@@ -13,9 +13,18 @@ _REF = "#/components/schemas/{model}"
 _ERROR = {
     "type": "object",
     "required": ["error"],
-    "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"], "properties": {
-        "message": {"type": "string"}, "type": {"type": "string"},
-        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
 }
 
 
@@ -33,16 +42,20 @@ def describe(app: FastAPI, chat_path: str = "/v1/chat/completions") -> None:
         schemas["ErrorResponse"] = _ERROR
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)
-        error = {"description": "OpenAI-style error", "content": {"application/json": {
-            "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+        error = {
+            "description": "OpenAI-style error",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+        }
         for path, operations in document.get("paths", {}).items():
             for operation in operations.values():
                 responses = operation.setdefault("responses", {})
                 responses.pop("422", None)
                 if path.startswith("/v1/"):
                     responses.setdefault("400", error)
-        document["paths"][chat_path]["post"]["requestBody"] = {"required": True, "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}}
+        document["paths"][chat_path]["post"]["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}},
+        }
         app.openapi_schema = document
         return document
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
@@ -45,7 +45,7 @@ class AudioPart(_Request):
     input_audio: InputAudio
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart, AudioPart], Field(discriminator="type")]
+ContentPart = Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="type")]
 
 
 class ChatMessage(_Request):

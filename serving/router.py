@@ -9,7 +9,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -61,8 +61,12 @@ def error_response(error: APIError) -> JSONResponse:
 
 def _event_error(event: dict) -> APIError:
     error = event["error"]
-    return APIError(error["status"], error["message"], type=SERVER if error["status"] >= 500 else INVALID_REQUEST,
-                    code=error["code"])
+    return APIError(
+        error["status"],
+        error["message"],
+        type=SERVER if error["status"] >= 500 else INVALID_REQUEST,
+        code=error["code"],
+    )
 
 
 def build_api(
@@ -129,9 +133,16 @@ def build_api(
         metrics.observe_result(result)
         # Where the time went, for clients and benchmarks: prepare (decode, tokenize) and the model call as the
         # ingress sees it, the model replica's part of that, and the engine's part of the replica's.
-        timing = ", ".join(f"{name};dur={ms:.2f}" for name, ms in (
-            ("prepare", prepare_ms), ("model", model_ms), ("replica", reply.replica_s * 1000),
-            ("engine", result.latency_s * 1000), ("ingress", (time.perf_counter() - started) * 1000)))
+        timing = ", ".join(
+            f"{name};dur={ms:.2f}"
+            for name, ms in (
+                ("prepare", prepare_ms),
+                ("model", model_ms),
+                ("replica", reply.replica_s * 1000),
+                ("engine", result.latency_s * 1000),
+                ("ingress", (time.perf_counter() - started) * 1000),
+            )
+        )
         return JSONResponse(chat.completion(result).model_dump(), headers={"Server-Timing": timing})
 
     async def _stream(body: ChatCompletionRequest, prepared: PreparedRequest, started: float) -> StreamingResponse:
@@ -150,9 +161,13 @@ def build_api(
         ident, stamp = completion_id(), now()
 
         def chunk(delta: Delta, finish=None, use=None) -> str:
-            payload = ChatCompletionChunk(id=ident, created=stamp, model=spec.model_id,
-                                          choices=[] if use else [ChunkChoice(delta=delta, finish_reason=finish)],
-                                          usage=use)
+            payload = ChatCompletionChunk(
+                id=ident,
+                created=stamp,
+                model=spec.model_id,
+                choices=[] if use else [ChunkChoice(delta=delta, finish_reason=finish)],
+                usage=use,
+            )
             return f"data: {payload.model_dump_json()}\n\n"
 
         yield chunk(Delta(role="assistant", content=""))
@@ -175,11 +190,14 @@ def build_api(
                         yield chunk(Delta(), use=usage(prepared.prompt_tokens, event["output_tokens"]))
                     break
                 event = await anext(events, None)
-        except Exception as exc:  # noqa: BLE001 - the status line is gone: the error travels as an event
+        except Exception as exc:
             if not isinstance(exc, APIError):
                 logger.exception("a chat stream failed after its first event")
-            error = exc if isinstance(exc, APIError) else APIError(
-                500, f"the stream failed: {type(exc).__name__}", type=SERVER, code="internal_error")
+            error = (
+                exc
+                if isinstance(exc, APIError)
+                else APIError(500, f"the stream failed: {type(exc).__name__}", type=SERVER, code="internal_error")
+            )
             yield f"data: {json.dumps(error.body())}\n\n"
         yield "data: [DONE]\n\n"
 
@@ -214,10 +232,16 @@ def build_api(
         if stream is not None and stream.lower() not in ("false", "0"):
             raise APIError(400, "stream is not supported for transcriptions", param="stream", code="unsupported")
         if any(g != "segment" for g in timestamp_granularities or ()):
-            raise APIError(400, "only segment timestamps are supported", param="timestamp_granularities",
-                           code="unsupported")
-        return await _speech(Task.transcribe, file, dict(model=model, language=language, prompt=prompt,
-                                                         response_format=response_format, temperature=temperature))
+            raise APIError(
+                400, "only segment timestamps are supported", param="timestamp_granularities", code="unsupported"
+            )
+        return await _speech(
+            Task.transcribe,
+            file,
+            dict(
+                model=model, language=language, prompt=prompt, response_format=response_format, temperature=temperature
+            ),
+        )
 
     @app.post("/v1/audio/translations", dependencies=[Depends(require_key)])
     async def translations(
@@ -229,9 +253,18 @@ def build_api(
         temperature: float = Form(0.0),
         target_language: str | None = Form(None, description="Extension: translate into this (English)."),
     ):
-        return await _speech(Task.translate, file, dict(model=model, language=language, prompt=prompt,
-                                                        response_format=response_format, temperature=temperature,
-                                                        target_language=target_language))
+        return await _speech(
+            Task.translate,
+            file,
+            dict(
+                model=model,
+                language=language,
+                prompt=prompt,
+                response_format=response_format,
+                temperature=temperature,
+                target_language=target_language,
+            ),
+        )
 
     # ---- models, health, metrics ----
 
@@ -254,8 +287,11 @@ def build_api(
         info = await backend.ready(READY_TIMEOUT_S)
         metrics.model_ready.set(1 if info else 0)
         if info is None:
-            return JSONResponse({"status": "loading", "model": spec.model_id}, status_code=503,
-                                headers={"Retry-After": str(spec.limits.retry_after_s)})
+            return JSONResponse(
+                {"status": "loading", "model": spec.model_id},
+                status_code=503,
+                headers={"Retry-After": str(spec.limits.retry_after_s)},
+            )
         if info.get("error"):  # the model could not load: say why, no Retry-After (waiting will not help)
             metrics.model_ready.set(0)
             return JSONResponse({"status": "failed", **info}, status_code=503)

@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 
 from pipelines.config import EngineSpec, MediaSpec, ModelSpec, Strict, load_spec_file
 from pipelines.config import build_spec as build_config
-from pipelines.environment import API_KEYS_ENV  # noqa: F401  (re-exported: one name for the variable)
+from pipelines.environment import API_KEYS_ENV
 
 
 class AutoscalingSpec(Strict):
@@ -37,7 +37,7 @@ class AutoscalingSpec(Strict):
     )
 
     @model_validator(mode="after")
-    def _ordered(self) -> "AutoscalingSpec":
+    def _ordered(self) -> AutoscalingSpec:
         if self.max_replicas < self.min_replicas:
             raise ValueError("max_replicas must be >= min_replicas")
         if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
@@ -198,7 +198,7 @@ class ServeSpec(Strict):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("WARNING", description="Serve replica logs.")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ServeSpec":
+    def _consistent(self) -> ServeSpec:
         model_concurrency = self.autoscaling.model.max_ongoing_requests
         if self.engine.kind == "transformers" and model_concurrency < self.batching.max_batch_size:
             # A replica never sees more requests at once than this, so it could never fill a batch.
@@ -208,8 +208,6 @@ class ServeSpec(Strict):
     @property
     def model_id(self) -> str:
         return self.served_model_name or self.model.name
-
-
 
 
 def build_spec(data: dict, overrides: dict | None = None, source: str = "serve spec") -> ServeSpec:

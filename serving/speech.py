@@ -36,14 +36,22 @@ class SpeechService:
     def options(self, task: Task, form: SpeechRequest) -> TaskOptions:
         system = f"Use this context for names, terms and style: {form.prompt}" if form.prompt else None
         if task is Task.translate:
-            return TaskOptions(task=task, source_language=form.language or UNKNOWN_SOURCE,
-                               target_language=form.target_language, system=system)
+            return TaskOptions(
+                task=task,
+                source_language=form.language or UNKNOWN_SOURCE,
+                target_language=form.target_language,
+                system=system,
+            )
         return TaskOptions(task=task, language=form.language, system=system)
 
     async def prepare(self, data: bytes, filename: str | None, form: SpeechRequest, task: Task) -> SpeechJob:
         if form.model != self.spec.model_id:
-            raise APIError(404, f"the model {form.model!r} does not exist; this endpoint serves "
-                                f"{self.spec.model_id!r}", param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model {form.model!r} does not exist; this endpoint serves {self.spec.model_id!r}",
+                param="model",
+                code="model_not_found",
+            )
         sampling = SamplingParams(
             max_new_tokens=min(TOKENS_PER_WINDOW[task], self.spec.limits.max_output_tokens),
             temperature=form.temperature,
@@ -53,8 +61,15 @@ class SpeechService:
             if not data:
                 raise DecodeError("the uploaded file is empty (0 bytes)", item="file")
             item = await asyncio.to_thread(
-                prepare_item, data, item_id=f"{task.value}-{uuid.uuid4().hex[:12]}", tokenizer=self.tokenizer,
-                options=self.options(task, form), name=filename, limits=limits, sampling=sampling, modality=AUDIO,
+                prepare_item,
+                data,
+                item_id=f"{task.value}-{uuid.uuid4().hex[:12]}",
+                tokenizer=self.tokenizer,
+                options=self.options(task, form),
+                name=filename,
+                limits=limits,
+                sampling=sampling,
+                modality=AUDIO,
             )
         except ItemError as exc:
             raise from_item_error(exc, "file") from None
@@ -83,8 +98,14 @@ class SpeechService:
             for index, (segment, result, window_text) in enumerate(zip(job.item.segments, results, texts))
         ]
         language = job.form.target_language if job.task is Task.translate else (job.form.language or "unknown")
-        return TranscriptionVerbose(task=job.task.value, language=language.lower(), duration=round(duration, 3),
-                                    text=text, segments=segments, usage=usage)
+        return TranscriptionVerbose(
+            task=job.task.value,
+            language=language.lower(),
+            duration=round(duration, 3),
+            text=text,
+            segments=segments,
+            usage=usage,
+        )
 
     def _window_text(self, job: SpeechJob, text: str) -> str:
         if job.task is Task.translate:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from typing import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import httpcore
 import httpx
@@ -84,8 +84,13 @@ async def system_resolver(host: str, port: int) -> list[str]:
 class PublicOnlyBackend(httpcore.AsyncNetworkBackend):
     """Resolves once, refuses the host if any address is not public, then connects to a checked address."""
 
-    def __init__(self, *, allow_private: bool = False, resolver: Resolver = system_resolver,
-                 inner: httpcore.AsyncNetworkBackend | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        allow_private: bool = False,
+        resolver: Resolver = system_resolver,
+        inner: httpcore.AsyncNetworkBackend | None = None,
+    ) -> None:
         self.allow_private = allow_private
         self.resolver = resolver
         self.inner = inner or httpcore.AnyIOBackend()
@@ -97,9 +102,7 @@ class PublicOnlyBackend(httpcore.AsyncNetworkBackend):
         if not self.allow_private:
             refused = [a for a in addresses if not is_public_address(a)]
             if refused:
-                raise ForbiddenURL(
-                    f"host {host!r} resolves to a non-public address ({', '.join(refused)}); refused"
-                )
+                raise ForbiddenURL(f"host {host!r} resolves to a non-public address ({', '.join(refused)}); refused")
         error: Exception | None = None
         for address in addresses:
             try:

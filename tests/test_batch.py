@@ -106,8 +106,9 @@ def test_transcribe_long_audio_is_stitched_in_order(ray_cluster, tmp_path):
     t = np.arange(int(rate * 65)) / rate
     sf.write(source / "long.flac", (0.2 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), rate)
     speech(source / "short.wav")
-    summary = run(job(source, tmp_path / "out", TaskSpec(task="transcribe", language="English", max_new_tokens=4)),
-                  progress=False)
+    summary = run(
+        job(source, tmp_path / "out", TaskSpec(task="transcribe", language="English", max_new_tokens=4)), progress=False
+    )
     results = {r["id"]: r for r in read(tmp_path / "out", "results")}
     assert set(results) == {"long.flac", "short.wav"} and read(tmp_path / "out", "errors") == []
     assert (summary.run_succeeded, summary.total) == (2, 2)
@@ -148,13 +149,15 @@ def test_manifest_with_per_row_fields_and_inline_bytes(ray_cluster, tmp_path):
     images = make_images(tmp_path / "media", 2)
     manifest = tmp_path / "manifest.parquet"
     pq.write_table(
-        pa.table({
-            "id": ["first", "second", "inline"],
-            "uri": [str(images[0]), str(images[1]), None],
-            "data": [None, None, images[0].read_bytes()],
-            "question": ["What colour?", "How many shapes?", "Is it round?"],
-            "max_soft_tokens": [70, 140, None],
-        }),
+        pa.table(
+            {
+                "id": ["first", "second", "inline"],
+                "uri": [str(images[0]), str(images[1]), None],
+                "data": [None, None, images[0].read_bytes()],
+                "question": ["What colour?", "How many shapes?", "Is it round?"],
+                "max_soft_tokens": [70, 140, None],
+            }
+        ),
         manifest,
     )
     run(job(manifest, tmp_path / "out", TaskSpec(task="answer", max_new_tokens=3)), progress=False)
@@ -230,7 +233,9 @@ def test_s3_storage_options_and_tar_shards(ray_cluster, s3_server, tmp_path):
     task = TaskSpec(task="answer", max_new_tokens=3)
     run(job("s3://shards/", "s3://shards-out/x", task, storage=storage), progress=False)
     assert ids(read("s3://shards-out/x", "results", storage)) == [
-        "shard-0000.tar/image_0", "shard-0000.tar/image_1", "shard-0001.tar/image_2"
+        "shard-0000.tar/image_0",
+        "shard-0000.tar/image_1",
+        "shard-0001.tar/image_2",
     ]
 
 
@@ -266,8 +271,13 @@ def test_a_killed_model_actor_is_replaced_without_loss_or_duplicates(ray_cluster
     make_images(source, 24)
     outcome = {}
     worker = threading.Thread(
-        target=lambda: outcome.setdefault("summary", run(job(source, out, TaskSpec(task="caption", max_new_tokens=24),
-                                                             resources={"batch_size": 2}), progress=False))
+        target=lambda: outcome.setdefault(
+            "summary",
+            run(
+                job(source, out, TaskSpec(task="caption", max_new_tokens=24), resources={"batch_size": 2}),
+                progress=False,
+            ),
+        )
     )
     worker.start()
     deadline = time.monotonic() + 120
@@ -290,11 +300,32 @@ def test_a_killed_driver_is_resumed_by_a_rerun(ray_cluster, tmp_path):
     source, out = tmp_path / "in", tmp_path / "out"
     make_images(source, 30)
     address = ray_cluster.get_runtime_context().gcs_address
-    command = [sys.executable, "-m", "jobs.cli", "run", "--task", "caption", "--input", str(source),
-               "--output", str(out), "--max-new-tokens", "24", "--batch-size", "2", "--address", address,
-               "--no-progress"]
-    driver = subprocess.Popen(command, cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "jobs.cli",
+        "run",
+        "--task",
+        "caption",
+        "--input",
+        str(source),
+        "--output",
+        str(out),
+        "--max-new-tokens",
+        "24",
+        "--batch-size",
+        "2",
+        "--address",
+        address,
+        "--no-progress",
+    ]
+    driver = subprocess.Popen(
+        command,
+        cwd=Path(__file__).parents[1],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list((out / "results").glob("*.parquet")):
         time.sleep(0.2)
@@ -303,8 +334,9 @@ def test_a_killed_driver_is_resumed_by_a_rerun(ray_cluster, tmp_path):
     done_before = read(out, "results")
     assert 0 < len(done_before) < 30, "the driver should die mid-job"
 
-    summary = run(job(source, out, TaskSpec(task="caption", max_new_tokens=24), resources={"batch_size": 2}),
-                  progress=False)
+    summary = run(
+        job(source, out, TaskSpec(task="caption", max_new_tokens=24), resources={"batch_size": 2}), progress=False
+    )
     results = read(out, "results")
     assert_no_duplicates(results, [])
     assert len(results) == 30

@@ -19,7 +19,8 @@ def test_no_benchmark_shadows_a_standard_module():
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_benchmark_help_runs_from_the_repo_root(script):
-    result = subprocess.run([sys.executable, f"benchmarks/{script.name}", "--help"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, f"benchmarks/{script.name}", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage:" in result.stdout

@@ -17,8 +17,24 @@ runner = CliRunner()
 
 
 def run_cli(source, out, *flags: str):
-    return runner.invoke(app, ["run", "--task", "caption", "--input", str(source), "--output", str(out),
-                               "--max-new-tokens", "3", "--batch-size", "4", "--no-progress", *flags])
+    return runner.invoke(
+        app,
+        [
+            "run",
+            "--task",
+            "caption",
+            "--input",
+            str(source),
+            "--output",
+            str(out),
+            "--max-new-tokens",
+            "3",
+            "--batch-size",
+            "4",
+            "--no-progress",
+            *flags,
+        ],
+    )
 
 
 def record(out) -> dict:

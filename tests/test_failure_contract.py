@@ -22,8 +22,14 @@ ROOT = Path(__file__).parents[1]
 def cli(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local run unless told
     environment.update(env or {})
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=environment)
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environment,
+    )
 
 
 def _closed_port() -> int:
@@ -51,8 +57,18 @@ def images(tmp_path):
 
 def test_a_mistyped_model_directory_stops_the_run_with_one_message(tiny_dir, images, tmp_path):
     out = tmp_path / "out"
-    result = cli("run", "--task", "caption", "--input", str(images), "--output", str(out), "--model",
-                 "./models/gemma-4-12b-itt", "--no-progress")
+    result = cli(
+        "run",
+        "--task",
+        "caption",
+        "--input",
+        str(images),
+        "--output",
+        str(out),
+        "--model",
+        "./models/gemma-4-12b-itt",
+        "--no-progress",
+    )
     one_message(result, "no model directory at './models/gemma-4-12b-itt'")
     record = json.loads((out / "_job.json").read_text())
     assert record["status"] == "failed" and "no model directory" in record["reason"]
@@ -60,8 +76,19 @@ def test_a_mistyped_model_directory_stops_the_run_with_one_message(tiny_dir, ima
 
 @pytest.mark.slow  # whole CLI processes that wait on a network timeout or a model load
 def test_verbose_adds_the_traceback_anywhere_on_the_line(tiny_dir, images, tmp_path):
-    result = cli("run", "--task", "caption", "--input", str(images), "--output", str(tmp_path / "out"),
-                 "--model", "./nope", "--no-progress", "--verbose")
+    result = cli(
+        "run",
+        "--task",
+        "caption",
+        "--input",
+        str(images),
+        "--output",
+        str(tmp_path / "out"),
+        "--model",
+        "./nope",
+        "--no-progress",
+        "--verbose",
+    )
     assert result.returncode == 2 and "Traceback" in result.stderr and "no model directory" in result.stderr
 
 
@@ -69,8 +96,18 @@ def test_a_missing_engine_extra_is_named(tiny_dir, images, tmp_path):
     pytest.importorskip("ray")
     if __import__("importlib").util.find_spec("vllm") is not None:
         pytest.skip("vLLM is installed here")
-    result = cli("run", "--task", "caption", "--input", str(images), "--output", str(tmp_path / "out"),
-                 "--engine", "vllm", "--no-progress")
+    result = cli(
+        "run",
+        "--task",
+        "caption",
+        "--input",
+        str(images),
+        "--output",
+        str(tmp_path / "out"),
+        "--engine",
+        "vllm",
+        "--no-progress",
+    )
     one_message(result, "vLLM is not installed here", "'.[vllm]'")
 
 
@@ -78,12 +115,32 @@ def test_a_missing_engine_extra_is_named(tiny_dir, images, tmp_path):
 def test_an_unreachable_cluster_fails_within_a_minute(tiny_dir, images, tmp_path):
     started = time.monotonic()
     address = f"127.0.0.1:{_closed_port()}"
-    result = cli("run", "--task", "caption", "--input", str(images), "--output", str(tmp_path / "out"),
-                 "--address", address, "--no-progress")
+    result = cli(
+        "run",
+        "--task",
+        "caption",
+        "--input",
+        str(images),
+        "--output",
+        str(tmp_path / "out"),
+        "--address",
+        address,
+        "--no-progress",
+    )
     one_message(result, f"cannot reach the Ray cluster at {address}")
     assert time.monotonic() - started < 60
-    dashboard = cli("run", "--task", "caption", "--input", str(images), "--output", str(tmp_path / "out2"),
-                    "--address", "http://127.0.0.1:8265", "--no-progress")
+    dashboard = cli(
+        "run",
+        "--task",
+        "caption",
+        "--input",
+        str(images),
+        "--output",
+        str(tmp_path / "out2"),
+        "--address",
+        "http://127.0.0.1:8265",
+        "--no-progress",
+    )
     one_message(dashboard, "gemma-unified submit")
 
 
@@ -98,8 +155,9 @@ def test_a_crash_mid_run_leaves_a_terminal_job_record(tiny_dir, tmp_path):
     manifest = tmp_path / "broken.jsonl"
     manifest.write_text('{"uri": "a.jpg"}\nthis is not json\n')
     out = tmp_path / "out"
-    result = cli("run", "--task", "caption", "--input", str(manifest), "--output", str(out), "--no-progress",
-                 timeout=300)
+    result = cli(
+        "run", "--task", "caption", "--input", str(manifest), "--output", str(out), "--no-progress", timeout=300
+    )
     one_message(result)
     record = json.loads((out / "_job.json").read_text())
     assert record["status"] == "failed" and record["reason"] and "finished_at" in record
@@ -121,7 +179,18 @@ def test_a_refused_authentication_token_is_one_message(ray_cluster, images, tmp_
         pytest.skip("token authentication is off for this Ray instance")
     address = ray_cluster.get_runtime_context().gcs_address
     started = time.monotonic()
-    result = cli("run", "--task", "caption", "--input", str(images), "--output", str(tmp_path / "out"),
-                 "--address", address, "--no-progress", env={"RAY_AUTH_TOKEN": "not-the-cluster-token"})
+    result = cli(
+        "run",
+        "--task",
+        "caption",
+        "--input",
+        str(images),
+        "--output",
+        str(tmp_path / "out"),
+        "--address",
+        address,
+        "--no-progress",
+        env={"RAY_AUTH_TOKEN": "not-the-cluster-token"},
+    )
     one_message(result, "refused this client's authentication token", "RAY_AUTH_TOKEN")
     assert time.monotonic() - started < 60

@@ -109,11 +109,21 @@ def test_a_missing_package_fails_early_with_one_line(monkeypatch, capsys):
 
 
 def test_out_of_time_sections_are_skipped_with_a_note_and_the_table_still_prints():
-    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--time-budget", "1"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--time-budget", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = table(result.stdout)
-    for row in [("bf16", "prefill, 1 x 64 tokens"), ("bf16", "decode, batch 1"), ("bf16", "decode, batch 32"),
-                ("fp8", "engine, image and audio prompts"), ("speculation", "on vs off")]:
+    for row in [
+        ("bf16", "prefill, 1 x 64 tokens"),
+        ("bf16", "decode, batch 1"),
+        ("bf16", "decode, batch 32"),
+        ("fp8", "engine, image and audio prompts"),
+        ("speculation", "on vs off"),
+    ]:
         assert rows[row] == "skipped: time", result.stdout
     assert rows[("setup", "total time")].endswith("(budget 1 s)")

@@ -50,8 +50,13 @@ def test_manifest_formats(ray_cluster, s3_env, tmp_path, fmt, where):
     rows = [
         {"id": "first", "uri": uris[0], "data": None, "question": "What colour?", "max_soft_tokens": 70},
         {"id": "second", "uri": uris[1], "data": None, "question": "How many shapes?", "max_soft_tokens": 140},
-        {"id": "inline", "uri": None, "data": images[0].read_bytes(), "question": "Is it round?",
-         "max_soft_tokens": None},
+        {
+            "id": "inline",
+            "uri": None,
+            "data": images[0].read_bytes(),
+            "question": "Is it round?",
+            "max_soft_tokens": None,
+        },
     ]
     local_manifest = tmp_path / f"manifest.{fmt}"
     _write(local_manifest, rows, fmt)
@@ -60,8 +65,12 @@ def test_manifest_formats(ray_cluster, s3_env, tmp_path, fmt, where):
         manifest = f"{root}/manifest.{fmt}"
         fs.put_file(str(local_manifest), manifest)
     out = f"{root}/out"
-    spec = JobSpec(input=InputSpec(url=manifest), task=TaskSpec(task="answer", max_new_tokens=2),
-                   output=OutputSpec(url=out), resources=ResourcesSpec(batch_size=4))
+    spec = JobSpec(
+        input=InputSpec(url=manifest),
+        task=TaskSpec(task="answer", max_new_tokens=2),
+        output=OutputSpec(url=out),
+        resources=ResourcesSpec(batch_size=4),
+    )
     summary = run(spec, progress=False)
     assert (summary.succeeded, summary.failed) == (3, 0)
 

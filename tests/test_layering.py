@@ -21,8 +21,12 @@ def _imported(source: str, package: str) -> set[str]:
             found.add(node.module.split(".")[0])
         elif isinstance(node, ast.ImportFrom) and node.level:
             found.add(package)  # a relative import stays inside its own package
-        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
-                "import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", "")) in ("import_module", "__import__")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        ):
             found.add(str(node.args[0].value).split(".")[0])
     return found
 
@@ -57,11 +61,14 @@ def test_only_the_command_line_in_jobs_imports_serving():
     assert _offenders(outside, {"serving"}) == []
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("import serving.app\n", {"serving"}),
-    ("def f():\n    from jobs.cli import app\n", {"jobs"}),
-    ("import importlib\nimportlib.import_module('serving.spec')\n", {"importlib", "serving"}),
-    ("from . import stages\n", {"pipelines"}),
-])
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("import serving.app\n", {"serving"}),
+        ("def f():\n    from jobs.cli import app\n", {"jobs"}),
+        ("import importlib\nimportlib.import_module('serving.spec')\n", {"importlib", "serving"}),
+        ("from . import stages\n", {"pipelines"}),
+    ],
+)
 def test_the_check_sees_every_kind_of_import(source, expected):
     assert _imported(source, "pipelines") == expected

@@ -87,8 +87,9 @@ def test_object_storage_model_is_mirrored_once_per_node(tiny_dir, s3_server, mon
 @pytest.mark.slow  # waits for a connection to a closed port to fail
 def test_unreachable_model_storage_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("GEMMA_UNIFIED_CACHE", str(tmp_path))
-    spec = ModelSpec(name="s3://models/none/", storage_options={"endpoint_url": "http://127.0.0.1:9", "key": "k",
-                                                                "secret": "s"})
+    spec = ModelSpec(
+        name="s3://models/none/", storage_options={"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s"}
+    )
     with pytest.raises(ModelSourceError, match="cannot list the model at s3://models/none/"):
         resolve(spec)
 

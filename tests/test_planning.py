@@ -44,8 +44,10 @@ def test_kv_cache_of_the_tiny_model_matches_transformers_cache(tiny_model):
     cache = DynamicCache(config=text)
     with torch.inference_mode():
         model(input_ids=torch.randint(3, 100, (1, tokens)), past_key_values=cache, use_cache=True)
-    held = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-               for layer in cache.layers)
+    held = sum(
+        layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        for layer in cache.layers
+    )
     held_per_layer = [layer.keys.shape[-2] for layer in cache.layers]
     assert max(held_per_layer) == tokens and min(held_per_layer) <= text.sliding_window
     shape = model_shape(tiny_model.path)
@@ -86,8 +88,10 @@ def test_a_16_gib_card():
 def test_more_memory_fits_more_sequences_and_weights_follow_quantization():
     sizes = [plan("gemma-4-12b-it", gpu_memory_gib=g, quantization="fp8").max_sequences for g in (16, 24, 80)]
     assert sizes == sorted(sizes) and sizes[-1] > sizes[0]
-    weights = [plan("gemma-4-12b-it", engine="transformers", quantization=q).weights_gib
-               for q in ("none", "bnb-8bit", "bnb-4bit")]
+    weights = [
+        plan("gemma-4-12b-it", engine="transformers", quantization=q).weights_gib
+        for q in ("none", "bnb-8bit", "bnb-4bit")
+    ]
     assert weights == sorted(weights, reverse=True)
     assert plan("gemma-4-12b", gpu_memory_gib=80).assistant_params == 0  # the base preset has no assistant
 
@@ -96,12 +100,32 @@ def test_plan_command_json_and_refusal():
     from jobs.cli import app
 
     runner = CliRunner()
-    result = runner.invoke(app, ["plan", "--model", "gemma-4-12b-it", "--gpu-memory-gib", "16",
-                                 "--quantization", "fp8", "--engine", "transformers", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "plan",
+            "--model",
+            "gemma-4-12b-it",
+            "--gpu-memory-gib",
+            "16",
+            "--quantization",
+            "fp8",
+            "--engine",
+            "transformers",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     answer = json.loads(result.output)
-    for key in ("params", "assistant_params", "weights_gib", "assistant_gib", "kv_bytes_per_token",
-                "max_sequences", "fits"):
+    for key in (
+        "params",
+        "assistant_params",
+        "weights_gib",
+        "assistant_gib",
+        "kv_bytes_per_token",
+        "max_sequences",
+        "fits",
+    ):
         assert key in answer
     assert answer["fits"] is True and answer["max_sequences"] == 2
     refused = runner.invoke(app, ["plan", "--engine", "vllm", "--quantization", "bnb-4bit"])

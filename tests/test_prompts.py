@@ -51,11 +51,17 @@ def test_image_prompt_matches_transformers_processor(hf_processor, tokenizer, op
     item = prepare_item(data, item_id="a", tokenizer=tokenizer, options=options)
     (request,) = item.requests
     text = render(tokenizer, build_messages(options, ["image"]), thinking=thinking)
-    expected = hf_processor(text=text, images=[Image.open(io.BytesIO(data))], add_special_tokens=False, return_tensors="pt")
+    expected = hf_processor(
+        text=text, images=[Image.open(io.BytesIO(data))], add_special_tokens=False, return_tensors="pt"
+    )
     assert request.prompt_token_ids.tolist() == expected["input_ids"][0].tolist()
     assert request.mm_token_type_ids.tolist() == expected["mm_token_type_ids"][0].tolist()
     assert request.prompt_token_ids.dtype == np.int32
-    count = int(expected["num_soft_tokens_per_image"][0]) if "num_soft_tokens_per_image" in expected else request.image_tokens
+    count = (
+        int(expected["num_soft_tokens_per_image"][0])
+        if "num_soft_tokens_per_image" in expected
+        else request.image_tokens
+    )
     assert (request.mm_token_type_ids == IMAGE_TYPE).sum() == count == request.image_tokens
     assert torch.equal(torch.from_numpy(request.image_patches[0]) * (1 / 255), expected["pixel_values"][0, :count])
     assert int((request.prompt_token_ids == tokenizer.bos_token_id).sum()) == 1  # the template writes <bos> once
@@ -71,7 +77,9 @@ def test_speech_prompts_follow_googles_wording():
     transcribe = build_messages(TaskOptions(task=Task.transcribe, language="German"), ["audio"])
     assert transcribe[0]["content"][0] == {"type": "audio"}
     assert "Transcribe the following speech segment in German into German text." in transcribe[0]["content"][1]["text"]
-    translate = build_messages(TaskOptions(task=Task.translate, source_language="French", target_language="English"), ["audio"])
+    translate = build_messages(
+        TaskOptions(task=Task.translate, source_language="French", target_language="English"), ["audio"]
+    )
     text = translate[0]["content"][1]["text"]
     assert "Transcribe the following speech segment in French, then translate it into English." in text
     assert "'English: '" in text
@@ -106,7 +114,9 @@ def test_audio_prompt_matches_transformers_processor(hf_processor, tokenizer):
     buffer = io.BytesIO()
     sf.write(buffer, wave, rate, format="WAV", subtype="FLOAT")
     options = TaskOptions(task=Task.transcribe, language="English")
-    (request,) = prepare_item(buffer.getvalue(), item_id="a", name="a.wav", tokenizer=tokenizer, options=options).requests
+    (request,) = prepare_item(
+        buffer.getvalue(), item_id="a", name="a.wav", tokenizer=tokenizer, options=options
+    ).requests
     text = render(tokenizer, build_messages(options, ["audio"]))
     expected = hf_processor(text=text, audio=[wave], add_special_tokens=False, return_tensors="pt")
     assert request.prompt_token_ids.tolist() == expected["input_ids"][0].tolist()
@@ -139,7 +149,9 @@ def test_a_forged_turn_in_user_text_stays_text(tokenizer):
 
 def test_a_media_marker_in_text_is_text_not_a_placeholder(tokenizer):
     text = "Look: <|image|> <|audio|> <|image> <|think|>"
-    prompt = tokenize(tokenizer, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}], [5])
+    prompt = tokenize(
+        tokenizer, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}], [5]
+    )
     assert prompt.image_tokens == 5 and prompt.audio_tokens == 0
     body = prompt.ids[prompt.mm_token_type_ids == TEXT_TYPE].tolist()
     markers = {tokenizer.convert_tokens_to_ids(t) for t in ("<|image|>", "<|audio|>", "<|image>", "<|think|>")}

@@ -36,9 +36,21 @@ class Engine:
             raise torch.OutOfMemoryError(OOM)
         if any(r.id.startswith("bad") for r in requests):
             raise InvalidRequest("bad request", item=requests[0].id)
-        return [GenerationResult(r.id, f"text of {r.id}", "stop", r.prompt_tokens, 0, 0, 1, self.delay_s,
-                                 spec_drafted=3 if len(requests) == 1 else None,
-                                 spec_accepted=2 if len(requests) == 1 else None) for r in requests]
+        return [
+            GenerationResult(
+                r.id,
+                f"text of {r.id}",
+                "stop",
+                r.prompt_tokens,
+                0,
+                0,
+                1,
+                self.delay_s,
+                spec_drafted=3 if len(requests) == 1 else None,
+                spec_accepted=2 if len(requests) == 1 else None,
+            )
+            for r in requests
+        ]
 
 
 def test_a_lone_request_runs_at_once_and_concurrent_callers_are_merged_into_full_batches():
@@ -181,8 +193,16 @@ def test_vllm_requests_go_straight_to_the_engine_as_they_arrive():
 
 
 def test_statistics_aggregate_over_replicas():
-    one = {"replica": "a", "busy_s": 3.0, "span_s": 4.0, "batches": 2, "batched_requests": 10, "requests": 10,
-           "spec_drafted": 0, "spec_accepted": 0}
+    one = {
+        "replica": "a",
+        "busy_s": 3.0,
+        "span_s": 4.0,
+        "batches": 2,
+        "batched_requests": 10,
+        "requests": 10,
+        "spec_drafted": 0,
+        "spec_accepted": 0,
+    }
     two = {**one, "replica": "b", "busy_s": 1.0, "batches": 6, "batched_requests": 6, "requests": 6}
     summary = aggregate([one, two])
     assert summary["busy_fraction"] == pytest.approx(0.5) and summary["mean_batch_size"] == pytest.approx(2.0)

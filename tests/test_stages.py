@@ -89,13 +89,43 @@ def test_prepare_names_the_missing_columns():
 def _generated_rows() -> pa.Table:
     base = {column: None for column in RESULT_COLUMNS}
     rows = [
-        {**base, "id": "a.png", "item_id": "a.png", "source": "a.png", "task": "caption", "text": "a cat",
-         "output_tokens": 3, "prompt_tokens": 10, "error": None, "error_stage": None, "window_total": None},
-        {**base, "id": "b.jpg", "item_id": "b.jpg", "source": "b.jpg", "task": "caption", "error": "b.jpg: truncated",
-         "error_stage": "prepare", "window_total": None},
-        {**base, "id": "t.wav#w0", "item_id": "t.wav", "source": "t.wav", "task": "transcribe", "text": "hello",
-         "output_tokens": 2, "prompt_tokens": 50, "error": None, "error_stage": None, "window_total": 2,
-         "segments": json.dumps([{"start_s": 0.0, "end_s": 30.0, "text": "hello"}])},
+        {
+            **base,
+            "id": "a.png",
+            "item_id": "a.png",
+            "source": "a.png",
+            "task": "caption",
+            "text": "a cat",
+            "output_tokens": 3,
+            "prompt_tokens": 10,
+            "error": None,
+            "error_stage": None,
+            "window_total": None,
+        },
+        {
+            **base,
+            "id": "b.jpg",
+            "item_id": "b.jpg",
+            "source": "b.jpg",
+            "task": "caption",
+            "error": "b.jpg: truncated",
+            "error_stage": "prepare",
+            "window_total": None,
+        },
+        {
+            **base,
+            "id": "t.wav#w0",
+            "item_id": "t.wav",
+            "source": "t.wav",
+            "task": "transcribe",
+            "text": "hello",
+            "output_tokens": 2,
+            "prompt_tokens": 50,
+            "error": None,
+            "error_stage": None,
+            "window_total": 2,
+            "segments": json.dumps([{"start_s": 0.0, "end_s": 30.0, "text": "hello"}]),
+        },
     ]
     return pa.Table.from_pylist(rows)
 
@@ -105,7 +135,10 @@ def test_write_sorts_rows_into_results_errors_and_staged_windows(tmp_path):
     stats = Write(str(tmp_path), {})(table)
 
     assert {key: int(value[0]) for key, value in stats.items() if key in ("succeeded", "failed", "output_tokens")} == {
-        "succeeded": 1, "failed": 1, "output_tokens": 5}  # the window's tokens count: they were generated now
+        "succeeded": 1,
+        "failed": 1,
+        "output_tokens": 5,
+    }  # the window's tokens count: they were generated now
     (result,) = [pq.read_table(p) for p in (tmp_path / "results").glob("*.parquet")]
     (error,) = [pq.read_table(p) for p in (tmp_path / "errors").glob("*.parquet")]
     assert result.column_names == list(RESULT_COLUMNS) and result.column("id").to_pylist() == ["a.png"]

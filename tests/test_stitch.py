@@ -16,9 +16,20 @@ def window(item: str, index: int, total: int, text: str = "", error: str | None 
     if error is not None:
         return {**row, "error": error, "error_stage": "generate"}
     span = [30.0 * index, 30.0 * index + 30.0]
-    return {**row, "text": text, "segments": json.dumps([{"start_s": span[0], "end_s": span[1], "text": text}]),
-            "prompt_tokens": 10, "image_tokens": 0, "audio_tokens": 750, "output_tokens": 3, "finish_reason": "stop",
-            "model": "tiny", "latency_s": 0.5, "spec_drafted": 2, "spec_accepted": 1}
+    return {
+        **row,
+        "text": text,
+        "segments": json.dumps([{"start_s": span[0], "end_s": span[1], "text": text}]),
+        "prompt_tokens": 10,
+        "image_tokens": 0,
+        "audio_tokens": 750,
+        "output_tokens": 3,
+        "finish_reason": "stop",
+        "model": "tiny",
+        "latency_s": 0.5,
+        "spec_drafted": 2,
+        "spec_accepted": 1,
+    }
 
 
 def stage(out: OutputDir, name: str, rows: list[dict]) -> None:
@@ -72,8 +83,14 @@ def test_a_clip_missing_windows_stays_staged_and_its_finished_windows_count_as_d
 
 def test_windows_of_a_clip_that_already_has_its_row_are_dropped(tmp_path):
     out = OutputDir(str(tmp_path), {})
-    error = {"id": "bad.mp3", "item_id": "bad.mp3", "source": "/in/bad.mp3", "task": "transcribe",
-             "stage": "prepare", "error": "decoding failed part-way"}
+    error = {
+        "id": "bad.mp3",
+        "item_id": "bad.mp3",
+        "source": "/in/bad.mp3",
+        "task": "transcribe",
+        "stage": "prepare",
+        "error": "decoding failed part-way",
+    }
     out.write_part(pa.Table.from_pylist([error]), f"{ERRORS}/part-x.parquet")
     stage(out, "a", [window("bad.mp3", 0, 0, "made before the decoder failed")])
     counts = stitch_windows(out)

@@ -29,8 +29,13 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root(verbose: bool = typer.Option(False, "--verbose", help="Log what happens, and print tracebacks of "
-                                       "failures (accepted anywhere on the command line).")) -> None:
+def _root(
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        help="Log what happens, and print tracebacks of failures (accepted anywhere on the command line).",
+    ),
+) -> None:
     set_verbose(verbose)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -34,7 +33,7 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
     return typer.Exit(code=code)
 
 
-def _client(address: Optional[str]):
+def _client(address: str | None):
     from jobs.submit import client
 
     if not address:
@@ -82,10 +81,10 @@ def _follow(ray_client, job_id: str) -> int:
 
 def submit(
     job_file: Path = typer.Argument(..., help="A job YAML (JobSpec), validated here before anything is submitted."),
-    address: Optional[str] = _address_option(),
+    address: str | None = _address_option(),
     wait: bool = typer.Option(False, "--wait", help="Stream the job's logs until it ends; exit 0 only on success."),
-    submission_id: Optional[str] = typer.Option(None, help="Your own job id (Ray refuses a duplicate)."),
-    env: Optional[List[str]] = typer.Option(None, help="Environment variable KEY=VALUE for the job (repeatable)."),
+    submission_id: str | None = typer.Option(None, help="Your own job id (Ray refuses a duplicate)."),
+    env: list[str] | None = typer.Option(None, help="Environment variable KEY=VALUE for the job (repeatable)."),
 ) -> None:
     """Submit a batch job to a Ray cluster; it runs `gemma-unified run` there on the same spec. Prints the job id."""
     from jobs.job_files import load_job
@@ -113,7 +112,7 @@ def _when(milliseconds: int | None) -> str:
 
 
 @jobs_app.command("list")
-def list_jobs(address: Optional[str] = _address_option()) -> None:
+def list_jobs(address: str | None = _address_option()) -> None:
     """Submitted jobs, newest first: id, status, start, end, output."""
     from jobs.submit import METADATA_KEY
 
@@ -126,13 +125,19 @@ def list_jobs(address: Optional[str] = _address_option()) -> None:
     for job in sorted(details, key=lambda d: d.start_time or 0, reverse=True):
         if not job.submission_id:
             continue  # drivers that connected directly, not submitted jobs
-        table.add_row(job.submission_id, str(getattr(job.status, "value", job.status)), _when(job.start_time),
-                      _when(job.end_time), (job.metadata or {}).get(METADATA_KEY, "-"), (job.message or "")[:80])
+        table.add_row(
+            job.submission_id,
+            str(getattr(job.status, "value", job.status)),
+            _when(job.start_time),
+            _when(job.end_time),
+            (job.metadata or {}).get(METADATA_KEY, "-"),
+            (job.message or "")[:80],
+        )
     console.print(table)
 
 
 @jobs_app.command()
-def status(job_id: str = typer.Argument(...), address: Optional[str] = _address_option()) -> None:
+def status(job_id: str = typer.Argument(...), address: str | None = _address_option()) -> None:
     """Print a job's status; exit 0 succeeded, 1 failed or stopped, 3 still pending or running."""
     from jobs.submit import call
 
@@ -149,7 +154,7 @@ def status(job_id: str = typer.Argument(...), address: Optional[str] = _address_
 @jobs_app.command()
 def logs(
     job_id: str = typer.Argument(...),
-    address: Optional[str] = _address_option(),
+    address: str | None = _address_option(),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends."),
 ) -> None:
     """Print a job's driver log; with --follow, stream it and exit with the job's outcome."""
@@ -165,7 +170,7 @@ def logs(
 
 
 @jobs_app.command()
-def stop(job_id: str = typer.Argument(...), address: Optional[str] = _address_option()) -> None:
+def stop(job_id: str = typer.Argument(...), address: str | None = _address_option()) -> None:
     """Ask a job to stop; exit 0 when it was running, 1 when it had already ended."""
     from jobs.submit import call
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -23,8 +22,9 @@ def make_tiny_model(
 
 
 def demo(
-    directory: Optional[Path] = typer.Option(None, help="Where to write sample media and outputs (a temp dir by "
-                                             "default)."),
+    directory: Path | None = typer.Option(
+        None, help="Where to write sample media and outputs (a temp dir by default)."
+    ),
     model: str = typer.Option("tiny", help="The model; tiny needs no weights (its words are random)."),
 ) -> None:
     """Make sample images, speech and a PDF, then caption, transcribe, translate and answer them end to end."""

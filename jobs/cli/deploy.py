@@ -6,7 +6,6 @@ Exit codes: 0 rendered, 2 a spec is invalid or cannot become a manifest (credent
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -45,16 +44,17 @@ def render_files(
 
 
 def render_k8s(
-    serve_file: Optional[Path] = typer.Argument(None, help="A serve YAML (ServeSpec): RayService and Serve config."),
-    job: Optional[List[Path]] = typer.Option(None, "--job", help="A job YAML (JobSpec): one RayJob each (repeatable)."),
-    schedules: Optional[Path] = typer.Option(None, help="A schedules YAML: a batch RayCluster and the scheduler "
-                                             "CronJob."),
-    cluster: Optional[Path] = typer.Option(None, help="A cluster YAML (ClusterSpec): images, pod sizes, model cache, "
-                                           "VM types."),
-    image: Optional[str] = typer.Option(None, help="CPU image; overrides the cluster file."),
-    gpu_image: Optional[str] = typer.Option(None, help="GPU image; overrides the cluster file."),
-    out: Optional[Path] = typer.Option(None, help="Write k8s/ and vm/ under this folder (default: print the "
-                                       "Kubernetes manifests)."),
+    serve_file: Path | None = typer.Argument(None, help="A serve YAML (ServeSpec): RayService and Serve config."),
+    job: list[Path] | None = typer.Option(None, "--job", help="A job YAML (JobSpec): one RayJob each (repeatable)."),
+    schedules: Path | None = typer.Option(None, help="A schedules YAML: a batch RayCluster and the scheduler CronJob."),
+    cluster: Path | None = typer.Option(
+        None, help="A cluster YAML (ClusterSpec): images, pod sizes, model cache, VM types."
+    ),
+    image: str | None = typer.Option(None, help="CPU image; overrides the cluster file."),
+    gpu_image: str | None = typer.Option(None, help="GPU image; overrides the cluster file."),
+    out: Path | None = typer.Option(
+        None, help="Write k8s/ and vm/ under this folder (default: print the Kubernetes manifests)."
+    ),
 ) -> None:
     """Render KubeRay manifests, the scheduler CronJob and a VM cluster config from the project's own specs."""
     try:

@@ -79,6 +79,6 @@ class ContractGroup(TyperGroup):
         except KeyboardInterrupt:
             err_console.print("interrupted")
             raise typer.Exit(130) from None
-        except Exception as exc:  # noqa: BLE001 - the boundary: every failure ends as one message and exit 2
+        except Exception as exc:
             report(exc)
             raise typer.Exit(EXIT_COULD_NOT_RUN) from None

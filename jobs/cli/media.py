@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -15,7 +14,7 @@ console = Console()
 
 
 def inspect_command(
-    files: List[str] = typer.Argument(..., help="Local paths or fsspec URLs (s3://, gs://, ...)."),
+    files: list[str] = typer.Argument(..., help="Local paths or fsspec URLs (s3://, gs://, ...)."),
     task: str = typer.Option("prompt", help="caption, transcribe, translate, answer or prompt."),
     max_soft_tokens: int = typer.Option(280, help="Image token budget: 70, 140, 280, 560 or 1120."),
     model: str = typer.Option("tiny", help="Model whose tokenizer counts prompt tokens."),
@@ -23,7 +22,7 @@ def inspect_command(
     overlap_s: float = typer.Option(0.0, help="Overlap between audio windows in seconds."),
     max_pages: int = typer.Option(8, help="Document pages per request window."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line instead of a table."),
-    storage_option: Optional[List[str]] = typer.Option(None, help="fsspec storage option KEY=VALUE (repeatable)."),
+    storage_option: list[str] | None = typer.Option(None, help="fsspec storage option KEY=VALUE (repeatable)."),
 ) -> None:
     """Show what the model will see of each file: modality, sizes, patch grid, audio windows, token counts."""
     from jobs.media_report import describe, inspect_files

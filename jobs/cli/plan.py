@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -13,11 +12,15 @@ console = Console()
 
 
 def plan_command(
-    model: str = typer.Option("gemma-4-12b-it", help="A preset (gemma-4-12b-it, gemma-4-12b, gemma-4-12b-it-qat), "
-                              "tiny, or a checkpoint directory / id: only its config.json is read."),
+    model: str = typer.Option(
+        "gemma-4-12b-it",
+        help="A preset (gemma-4-12b-it, gemma-4-12b, gemma-4-12b-it-qat), "
+        "tiny, or a checkpoint directory / id: only its config.json is read.",
+    ),
     gpu_memory_gib: float = typer.Option(16.0, min=1.0, max=4096.0, help="Memory of one GPU in GiB."),
-    quantization: Optional[str] = typer.Option(None, help="none, fp8, bnb-8bit, bnb-4bit or compressed-tensors "
-                                               "(default: the checkpoint's own)."),
+    quantization: str | None = typer.Option(
+        None, help="none, fp8, bnb-8bit, bnb-4bit or compressed-tensors (default: the checkpoint's own)."
+    ),
     max_model_len: int = typer.Option(8192, min=256, max=262_144, help="Prompt plus output tokens per sequence."),
     engine: str = typer.Option("vllm", help="vllm or transformers."),
     speculative: bool = typer.Option(True, "--speculative/--no-speculative", help="Count the MTP assistant."),
@@ -30,8 +33,14 @@ def plan_command(
     from pipelines.planning import plan
 
     try:
-        result = plan(model, gpu_memory_gib=gpu_memory_gib, quantization=quantization, max_model_len=max_model_len,
-                      engine=engine, speculative=speculative)
+        result = plan(
+            model,
+            gpu_memory_gib=gpu_memory_gib,
+            quantization=quantization,
+            max_model_len=max_model_len,
+            engine=engine,
+            speculative=speculative,
+        )
     except ValidationError as exc:
         problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
         console.print(f"[red]error:[/red] {problems}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -20,30 +20,34 @@ console = Console()
 
 
 def run(
-    job_file: Optional[Path] = typer.Argument(None, help="A job YAML (JobSpec); flags override its fields."),
-    task: Optional[str] = typer.Option(None, help="caption, transcribe, translate, answer or prompt."),
-    input: Optional[str] = typer.Option(None, "--input", help="Directory, glob, tar shards or manifest (fsspec URL)."),
-    output: Optional[str] = typer.Option(None, help="Output URL: results/, errors/ and _job.json go here."),
-    model: Optional[str] = typer.Option(None, help="tiny, gemma-4-12b-it, a directory, an HF id or an s3:// URL."),
-    engine: Optional[str] = typer.Option(None, help="transformers or vllm."),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Output tokens per request."),
-    language: Optional[str] = typer.Option(None, help="transcribe: the spoken language."),
-    source_language: Optional[str] = typer.Option(None, help="translate: the spoken language."),
-    target_language: Optional[str] = typer.Option(None, help="translate: the target language."),
-    question: Optional[str] = typer.Option(None, help="answer: the question for every item."),
-    prompt: Optional[str] = typer.Option(None, help="prompt: the instruction for every item."),
-    max_soft_tokens: Optional[int] = typer.Option(None, help="Image token budget: 70, 140, 280, 560 or 1120."),
-    replicas: Optional[int] = typer.Option(None, help="Model actors (one replica each)."),
-    batch_size: Optional[int] = typer.Option(None, help="Units per Ray Data batch handed to a model actor."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or local)."),
-    speculative: Optional[bool] = typer.Option(None, "--speculative/--no-speculative",
-                                               help="engine.speculative on / off (unset: the file's, default auto)."),
-    retry_failed: Optional[bool] = typer.Option(None, "--retry-failed/--no-retry-failed",
-                                                help="On rerun, retry items in errors/ (default) or keep them."),
-    storage_option: Optional[List[str]] = typer.Option(None, help="fsspec option KEY=VALUE for input and output."),
-    skip_unsupported: Optional[bool] = typer.Option(None, "--skip-unsupported/--no-skip-unsupported",
-                                                    help="Leave out (and count) files this project cannot read, "
-                                                    "instead of one error row each."),
+    job_file: Path | None = typer.Argument(None, help="A job YAML (JobSpec); flags override its fields."),
+    task: str | None = typer.Option(None, help="caption, transcribe, translate, answer or prompt."),
+    input: str | None = typer.Option(None, "--input", help="Directory, glob, tar shards or manifest (fsspec URL)."),
+    output: str | None = typer.Option(None, help="Output URL: results/, errors/ and _job.json go here."),
+    model: str | None = typer.Option(None, help="tiny, gemma-4-12b-it, a directory, an HF id or an s3:// URL."),
+    engine: str | None = typer.Option(None, help="transformers or vllm."),
+    max_new_tokens: int | None = typer.Option(None, help="Output tokens per request."),
+    language: str | None = typer.Option(None, help="transcribe: the spoken language."),
+    source_language: str | None = typer.Option(None, help="translate: the spoken language."),
+    target_language: str | None = typer.Option(None, help="translate: the target language."),
+    question: str | None = typer.Option(None, help="answer: the question for every item."),
+    prompt: str | None = typer.Option(None, help="prompt: the instruction for every item."),
+    max_soft_tokens: int | None = typer.Option(None, help="Image token budget: 70, 140, 280, 560 or 1120."),
+    replicas: int | None = typer.Option(None, help="Model actors (one replica each)."),
+    batch_size: int | None = typer.Option(None, help="Units per Ray Data batch handed to a model actor."),
+    address: str | None = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or local)."),
+    speculative: bool | None = typer.Option(
+        None, "--speculative/--no-speculative", help="engine.speculative on / off (unset: the file's, default auto)."
+    ),
+    retry_failed: bool | None = typer.Option(
+        None, "--retry-failed/--no-retry-failed", help="On rerun, retry items in errors/ (default) or keep them."
+    ),
+    storage_option: list[str] | None = typer.Option(None, help="fsspec option KEY=VALUE for input and output."),
+    skip_unsupported: bool | None = typer.Option(
+        None,
+        "--skip-unsupported/--no-skip-unsupported",
+        help="Leave out (and count) files this project cannot read, instead of one error row each.",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show Ray Data progress bars."),
 ) -> None:
     """Run (or resume) a batch job: media in, Parquet results out."""
@@ -54,9 +58,15 @@ def run(
     overrides = {
         "input": {"url": input, "storage_options": storage, "skip_unsupported": skip_unsupported},
         "output": {"url": output, "storage_options": storage, "retry_failed": retry_failed},
-        "task": {"task": task, "max_new_tokens": max_new_tokens, "language": language,
-                 "source_language": source_language, "target_language": target_language,
-                 "question": question, "prompt": prompt},
+        "task": {
+            "task": task,
+            "max_new_tokens": max_new_tokens,
+            "language": language,
+            "source_language": source_language,
+            "target_language": target_language,
+            "question": question,
+            "prompt": prompt,
+        },
         "model": {"name": model},
         "engine": {"kind": engine, "speculative": speculative},
         "media": {"max_soft_tokens": max_soft_tokens},
@@ -73,8 +83,17 @@ def run(
 def print_summary(summary: JobSummary, console: Console) -> None:
     """The table a person reads at the end of a job, and where to look next."""
     table = Table(title=f"Job summary: {summary.output}", show_header=True)
-    for column in ("items", "succeeded", "failed", "skipped (done before)", "items/s", "output tokens/s",
-                   "speculative acceptance", "engine busy", "mean batch"):
+    for column in (
+        "items",
+        "succeeded",
+        "failed",
+        "skipped (done before)",
+        "items/s",
+        "output tokens/s",
+        "speculative acceptance",
+        "engine busy",
+        "mean batch",
+    ):
         table.add_column(column, justify="right")
     acceptance = "- (off)" if summary.acceptance is None else f"{summary.acceptance:.1%}"
     busy = "-" if summary.busy_fraction is None else f"{summary.busy_fraction:.0%}"
@@ -95,7 +114,8 @@ def print_summary(summary: JobSummary, console: Console) -> None:
     if summary.skipped_unsupported:
         console.print(f"skipped: {summary.skipped_unsupported} file(s) this project cannot read (listed in _job.json)")
     output = escape(summary.output)
-    console.print(f"results: {output}/results/  errors: {output}/errors/  job record: {output}/_job.json",
-                  soft_wrap=True)
+    console.print(
+        f"results: {output}/results/  errors: {output}/errors/  job record: {output}/_job.json", soft_wrap=True
+    )
     look = f"gemma-unified show {output}" + (f"  |  gemma-unified show {output} --errors" if summary.failed else "")
     console.print(f"look at them: {look}", soft_wrap=True)

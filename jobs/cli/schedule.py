@@ -9,7 +9,6 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -51,8 +50,9 @@ def _load(path: Path, check_clusters: bool = True):
 @schedule_app.command()
 def run(
     schedules_file: Path = typer.Argument(..., help="The schedules YAML."),
-    once: bool = typer.Option(False, "--once", help="Run what is due now, wait for it, and exit (for a system cron "
-                              "or a Kubernetes CronJob)."),
+    once: bool = typer.Option(
+        False, "--once", help="Run what is due now, wait for it, and exit (for a system cron or a Kubernetes CronJob)."
+    ),
     poll_s: float = typer.Option(30.0, min=0.1, help="How often active runs are checked."),
 ) -> None:
     """Run the scheduler daemon (or one pass of it with --once)."""
@@ -90,8 +90,14 @@ def check(schedules_file: Path = typer.Argument(..., help="The schedules YAML.")
     table = Table("schedule", "cron", "timezone", "next run (UTC)", "where", "concurrency")
     for schedule in config.schedules:
         entry = schedule.entry
-        table.add_row(entry.name, entry.cron, entry.timezone, f"{schedule.next_due(now):%Y-%m-%d %H:%M:%S}",
-                      entry.address or "local", entry.concurrency)
+        table.add_row(
+            entry.name,
+            entry.cron,
+            entry.timezone,
+            f"{schedule.next_due(now):%Y-%m-%d %H:%M:%S}",
+            entry.address or "local",
+            entry.concurrency,
+        )
     console.print(table)
 
 
@@ -99,7 +105,7 @@ def check(schedules_file: Path = typer.Argument(..., help="The schedules YAML.")
 def history(
     name: str = typer.Argument(..., help="Schedule name."),
     schedules_file: Path = typer.Option(Path("schedules.yaml"), "--file", "-f", help="The schedules YAML."),
-    state: Optional[Path] = typer.Option(None, help="The history database (default: the file's `state`)."),
+    state: Path | None = typer.Option(None, help="The history database (default: the file's `state`)."),
     limit: int = typer.Option(20, min=1, help="Runs to show, newest first."),
 ) -> None:
     """Show a schedule's runs: scheduled time, state, start, end, counts, job id, error."""
@@ -134,7 +140,12 @@ def _print_runs(runs, title: str) -> None:
         took = "-"
         if run.started_at and run.ended_at:
             took = f"{(run.ended_at - run.started_at).total_seconds():.0f}s"
-        table.add_row(f"{run.scheduled_for:%Y-%m-%d %H:%M}", run.state, took,
-                      f"{count(run.succeeded)}/{count(run.failed)}/{count(run.skipped)}", run.job_id,
-                      (run.error or "")[:300])
+        table.add_row(
+            f"{run.scheduled_for:%Y-%m-%d %H:%M}",
+            run.state,
+            took,
+            f"{count(run.succeeded)}/{count(run.failed)}/{count(run.skipped)}",
+            run.job_id,
+            (run.error or "")[:300],
+        )
     console.print(table)

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 
 def serve_command(
-    config: Optional[Path] = typer.Argument(None, help="A serve YAML (ServeSpec); flags override its fields."),
-    model: Optional[str] = typer.Option(None, help="tiny, gemma-4-12b-it, a directory, an HF id or an s3:// URL."),
-    port: Optional[int] = typer.Option(None, help="HTTP port (default 8000)."),
-    host: Optional[str] = typer.Option(None, help="Address to bind (default 0.0.0.0)."),
-    engine: Optional[str] = typer.Option(None, help="transformers or vllm."),
-    speculative: Optional[bool] = typer.Option(None, "--speculative/--no-speculative",
-                                               help="engine.speculative on / off (unset: the file's, default auto)."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or a local one)."),
-    proxy: Optional[str] = typer.Option(None, help="serve (Ray Serve's HTTP proxy) or haproxy (experimental)."),
-    num_cpus: Optional[int] = typer.Option(None, help="CPUs of a local Ray instance (default: all)."),
+    config: Path | None = typer.Argument(None, help="A serve YAML (ServeSpec); flags override its fields."),
+    model: str | None = typer.Option(None, help="tiny, gemma-4-12b-it, a directory, an HF id or an s3:// URL."),
+    port: int | None = typer.Option(None, help="HTTP port (default 8000)."),
+    host: str | None = typer.Option(None, help="Address to bind (default 0.0.0.0)."),
+    engine: str | None = typer.Option(None, help="transformers or vllm."),
+    speculative: bool | None = typer.Option(
+        None, "--speculative/--no-speculative", help="engine.speculative on / off (unset: the file's, default auto)."
+    ),
+    address: str | None = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or a local one)."),
+    proxy: str | None = typer.Option(None, help="serve (Ray Serve's HTTP proxy) or haproxy (experimental)."),
+    num_cpus: int | None = typer.Option(None, help="CPUs of a local Ray instance (default: all)."),
 ) -> None:
     """Serve the OpenAI-compatible endpoint (chat, transcriptions, translations) until interrupted."""
     import os
@@ -46,8 +46,11 @@ def serve_command(
 
     on_cluster = bool(address or os.environ.get("RAY_ADDRESS"))
     if on_cluster and spec.http.proxy == "haproxy":
-        typer.echo("note: http.proxy=haproxy takes effect only where the cluster's nodes started with "
-                   "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 and RAY_SERVE_ENABLE_HA_PROXY=1", err=True)
+        typer.echo(
+            "note: http.proxy=haproxy takes effect only where the cluster's nodes started with "
+            "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 and RAY_SERVE_ENABLE_HA_PROXY=1",
+            err=True,
+        )
     if not on_cluster:  # here the model and the engine's extra must be on this machine: say so before Ray starts
         check_local_model(spec.model, spec.engine)
     connect(spec, address, num_cpus=num_cpus)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
-
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -43,8 +41,8 @@ def show(
     output: str = typer.Argument(..., help="The job's output URL (what --output was)."),
     errors: bool = typer.Option(False, "--errors", help="Show errors/ instead of results/."),
     limit: int = typer.Option(10, min=1, help="Rows to show."),
-    column: Optional[List[str]] = typer.Option(None, help="Columns to show (repeatable; default: the main ones)."),
-    storage_option: Optional[List[str]] = typer.Option(None, help="fsspec storage option KEY=VALUE (repeatable)."),
+    column: list[str] | None = typer.Option(None, help="Columns to show (repeatable; default: the main ones)."),
+    storage_option: list[str] | None = typer.Option(None, help="fsspec storage option KEY=VALUE (repeatable)."),
 ) -> None:
     """Print the first rows of a job's results (or, with --errors, its errors) and how many there are."""
     folder = "errors" if errors else "results"

@@ -15,10 +15,16 @@ from pipelines.config import InputSpec, JobSpec, OutputSpec, ResourcesSpec, Task
 TASKS = [
     ("caption", "images", TaskSpec(task="caption", max_new_tokens=24)),
     ("transcribe", "audio", TaskSpec(task="transcribe", language="English", max_new_tokens=24)),
-    ("translate", "audio", TaskSpec(task="translate", source_language="English", target_language="French",
-                                    max_new_tokens=24)),
-    ("answer", "documents", TaskSpec(task="answer", question="What does the report say about revenue?",
-                                     max_new_tokens=24)),
+    (
+        "translate",
+        "audio",
+        TaskSpec(task="translate", source_language="English", target_language="French", max_new_tokens=24),
+    ),
+    (
+        "answer",
+        "documents",
+        TaskSpec(task="answer", question="What does the report say about revenue?", max_new_tokens=24),
+    ),
 ]
 
 
@@ -48,8 +54,13 @@ def run_demo(directory: Path | None, model: str, console: Console) -> Path:
         console.print(f"{name}: {summary.succeeded} succeeded, {summary.failed} failed -> {output}")
         for row in _rows(output):
             text = row["text"] if name != "translate" else f"{row['transcript']} | {row['translation']}"
-            table.add_row(name, row["id"], (text or "")[:60], f"{row['prompt_tokens']}/{row['output_tokens']}",
-                          row["finish_reason"])
+            table.add_row(
+                name,
+                row["id"],
+                (text or "")[:60],
+                f"{row['prompt_tokens']}/{row['output_tokens']}",
+                row["finish_reason"],
+            )
     console.print(table)
     return directory
 

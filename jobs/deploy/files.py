@@ -54,8 +54,9 @@ def render(
     files: dict[str, str] = {}
     if serve is not None:
         files["k8s/rayservice.yaml"] = header + dump([kuberay.ray_service(serve, cluster)])
-        files["vm/serve-config.yaml"] = header + yaml.dump(serve_config(serve), Dumper=_ManifestDumper,
-                                                           sort_keys=False, width=_NO_FOLDING)
+        files["vm/serve-config.yaml"] = header + yaml.dump(
+            serve_config(serve), Dumper=_ManifestDumper, sort_keys=False, width=_NO_FOLDING
+        )
     for stem, job in jobs.items():
         name = kuberay.job_name(cluster, stem)
         files[f"k8s/rayjob-{stem}.yaml"] = header + dump([kuberay.ray_job(job, cluster, name)])
@@ -69,7 +70,11 @@ def render(
     files["k8s/templates/storage-secret.yaml"] = header + dump([kuberay.storage_secret(cluster)])
 
     cpu, gpu = vm_groups(serve, batch_jobs, cluster)
-    files["vm/cluster.yaml"] = header + yaml.dump(vm.launcher_config(cluster, cpu, gpu, serve=serve is not None),
-                                                  Dumper=_ManifestDumper, sort_keys=False, width=_NO_FOLDING)
+    files["vm/cluster.yaml"] = header + yaml.dump(
+        vm.launcher_config(cluster, cpu, gpu, serve=serve is not None),
+        Dumper=_ManifestDumper,
+        sort_keys=False,
+        width=_NO_FOLDING,
+    )
     files["vm/storage.env.example"] = vm.STORAGE_ENV_EXAMPLE
     return dict(sorted(files.items()))

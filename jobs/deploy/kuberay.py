@@ -3,8 +3,8 @@ volume claim and CronJob, and a storage Secret template."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from importlib.metadata import version
-from typing import Iterable
 
 import yaml
 
@@ -23,6 +23,7 @@ DASHBOARD_METRICS_PORT = 44227
 
 
 # ---- pod templates ----
+
 
 def _labels(cluster: ClusterSpec, component: str) -> dict:
     return {"app.kubernetes.io/name": cluster.name, "app.kubernetes.io/component": component}
@@ -46,8 +47,16 @@ def _cache_volume(cluster: ClusterSpec) -> dict:
     return {"name": "model-cache", "emptyDir": {"sizeLimit": cluster.cache_size}}
 
 
-def _ray_pod(cluster: ClusterSpec, *, container: str, image: str, size: PodSize, ports: list[dict],
-             gpus: int = 0, cache: bool = True) -> dict:
+def _ray_pod(
+    cluster: ClusterSpec,
+    *,
+    container: str,
+    image: str,
+    size: PodSize,
+    ports: list[dict],
+    gpus: int = 0,
+    cache: bool = True,
+) -> dict:
     env = [{"name": "GEMMA_UNIFIED_CACHE", "value": f"{CACHE_MOUNT}/gemma-unified"}] if cache else []
     mounts = [{"name": "shared-mem", "mountPath": "/dev/shm"}]
     # Ray's object store lives in /dev/shm, which container runtimes cap at 64 MiB unless it is a memory volume.
@@ -56,17 +65,19 @@ def _ray_pod(cluster: ClusterSpec, *, container: str, image: str, size: PodSize,
         mounts.append({"name": "model-cache", "mountPath": CACHE_MOUNT})
         volumes.append(_cache_volume(cluster))
     spec: dict = {
-        "containers": [{
-            "name": container,
-            "image": image,
-            "imagePullPolicy": "IfNotPresent",
-            **({"env": env} if env else {}),
-            "envFrom": [{"secretRef": {"name": cluster.storage_secret}}],
-            "ports": ports,
-            "resources": _resources(size, gpus, getattr(size, "gpu_resource", "")),
-            "volumeMounts": mounts,
-            "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}},
-        }],
+        "containers": [
+            {
+                "name": container,
+                "image": image,
+                "imagePullPolicy": "IfNotPresent",
+                **({"env": env} if env else {}),
+                "envFrom": [{"secretRef": {"name": cluster.storage_secret}}],
+                "ports": ports,
+                "resources": _resources(size, gpus, getattr(size, "gpu_resource", "")),
+                "volumeMounts": mounts,
+                "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}},
+            }
+        ],
         "volumes": volumes,
     }
     if gpus:
@@ -82,43 +93,65 @@ def _port(name: str, number: int) -> dict:
     return {"name": name, "containerPort": number}
 
 
-def ray_cluster_spec(cluster: ClusterSpec, cpu: GroupSize, gpu: GroupSize | None, *, serve_port: int | None = None,
-                     autoscaling: bool = True) -> dict:
+def ray_cluster_spec(
+    cluster: ClusterSpec,
+    cpu: GroupSize,
+    gpu: GroupSize | None,
+    *,
+    serve_port: int | None = None,
+    autoscaling: bool = True,
+) -> dict:
     """KubeRay's RayClusterSpec: a CPU head that runs no tasks, a CPU worker group and (if needed) a GPU group."""
-    head_ports = [_port("gcs-server", 6379), _port("dashboard", DASHBOARD_PORT), _port("client", 10001),
-                  _port("metrics", METRICS_PORT), _port("as-metrics", AUTOSCALER_METRICS_PORT),
-                  _port("dash-metrics", DASHBOARD_METRICS_PORT)]
+    head_ports = [
+        _port("gcs-server", 6379),
+        _port("dashboard", DASHBOARD_PORT),
+        _port("client", 10001),
+        _port("metrics", METRICS_PORT),
+        _port("as-metrics", AUTOSCALER_METRICS_PORT),
+        _port("dash-metrics", DASHBOARD_METRICS_PORT),
+    ]
     if serve_port is not None:
         head_ports.append(_port("serve", serve_port))
     worker_ports = [_port("metrics", METRICS_PORT)]
-    workers = [{
-        "groupName": "cpu",
-        "replicas": cpu.initial,
-        "minReplicas": cpu.min,
-        "maxReplicas": cpu.max,
-        "rayStartParams": {"num-cpus": str(cpu.ray_cpus), "metrics-export-port": str(METRICS_PORT)},
-        "template": _ray_pod(cluster, container="ray-worker", image=cluster.image, size=cluster.cpu_worker,
-                             ports=worker_ports),
-    }]
+    workers = [
+        {
+            "groupName": "cpu",
+            "replicas": cpu.initial,
+            "minReplicas": cpu.min,
+            "maxReplicas": cpu.max,
+            "rayStartParams": {"num-cpus": str(cpu.ray_cpus), "metrics-export-port": str(METRICS_PORT)},
+            "template": _ray_pod(
+                cluster, container="ray-worker", image=cluster.image, size=cluster.cpu_worker, ports=worker_ports
+            ),
+        }
+    ]
     if gpu is not None:
-        workers.append({
-            "groupName": "gpu",
-            "replicas": gpu.initial,
-            "minReplicas": gpu.min,
-            "maxReplicas": gpu.max,
-            "rayStartParams": {"num-cpus": str(gpu.ray_cpus), "metrics-export-port": str(METRICS_PORT)},
-            "template": _ray_pod(cluster, container="ray-worker", image=cluster.gpu_image, size=cluster.gpu_worker,
-                                 ports=worker_ports, gpus=cluster.gpu_worker.gpus),
-        })
+        workers.append(
+            {
+                "groupName": "gpu",
+                "replicas": gpu.initial,
+                "minReplicas": gpu.min,
+                "maxReplicas": gpu.max,
+                "rayStartParams": {"num-cpus": str(gpu.ray_cpus), "metrics-export-port": str(METRICS_PORT)},
+                "template": _ray_pod(
+                    cluster,
+                    container="ray-worker",
+                    image=cluster.gpu_image,
+                    size=cluster.gpu_worker,
+                    ports=worker_ports,
+                    gpus=cluster.gpu_worker.gpus,
+                ),
+            }
+        )
     spec = {
         "rayVersion": version("ray"),
         "enableInTreeAutoscaling": autoscaling,
         "headGroupSpec": {
             # num-cpus 0: the head keeps the GCS, the Serve controller and job drivers, never tasks or replicas.
-            "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0",
-                               "metrics-export-port": str(METRICS_PORT)},
-            "template": _ray_pod(cluster, container="ray-head", image=cluster.image, size=cluster.head,
-                                 ports=head_ports, cache=False),
+            "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0", "metrics-export-port": str(METRICS_PORT)},
+            "template": _ray_pod(
+                cluster, container="ray-head", image=cluster.image, size=cluster.head, ports=head_ports, cache=False
+            ),
         },
         "workerGroupSpecs": workers,
     }
@@ -128,6 +161,7 @@ def ray_cluster_spec(cluster: ClusterSpec, cpu: GroupSize, gpu: GroupSize | None
 
 
 # ---- Kubernetes objects ----
+
 
 def ray_service(spec: ServeSpec, cluster: ClusterSpec) -> dict:
     """The online endpoint: Serve config from the spec, autoscaled CPU and GPU groups sized from its deployments."""
@@ -226,8 +260,10 @@ def scheduler_objects(schedule_file: ScheduleFile, cluster: ClusterSpec) -> list
         "command": ["gemma-unified", "schedule", f"{CONFIG_MOUNT}/schedules.yaml", "--once"],
         "envFrom": [{"secretRef": {"name": cluster.storage_secret}}],
         "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
-        "volumeMounts": [{"name": "schedules", "mountPath": CONFIG_MOUNT, "readOnly": True},
-                         {"name": "state", "mountPath": STATE_MOUNT}],
+        "volumeMounts": [
+            {"name": "schedules", "mountPath": CONFIG_MOUNT, "readOnly": True},
+            {"name": "state", "mountPath": STATE_MOUNT},
+        ],
     }
     cron_job = {
         "apiVersion": "batch/v1",
@@ -240,15 +276,22 @@ def scheduler_objects(schedule_file: ScheduleFile, cluster: ClusterSpec) -> list
             "startingDeadlineSeconds": 300,
             "successfulJobsHistoryLimit": 3,
             "failedJobsHistoryLimit": 3,
-            "jobTemplate": {"spec": {"backoffLimit": 0, "template": {
-                "metadata": {"labels": _labels(cluster, "scheduler")},
+            "jobTemplate": {
                 "spec": {
-                    "restartPolicy": "Never",
-                    "containers": [container],
-                    "volumes": [{"name": "schedules", "configMap": {"name": config_name}},
-                                {"name": "state", "persistentVolumeClaim": {"claimName": state_name}}],
-                },
-            }}},
+                    "backoffLimit": 0,
+                    "template": {
+                        "metadata": {"labels": _labels(cluster, "scheduler")},
+                        "spec": {
+                            "restartPolicy": "Never",
+                            "containers": [container],
+                            "volumes": [
+                                {"name": "schedules", "configMap": {"name": config_name}},
+                                {"name": "state", "persistentVolumeClaim": {"claimName": state_name}},
+                            ],
+                        },
+                    },
+                }
+            },
         },
     }
     return [config_map, claim, cron_job]
@@ -263,4 +306,3 @@ def storage_secret(cluster: ClusterSpec) -> dict:
         "type": "Opaque",
         "stringData": {"AWS_ACCESS_KEY_ID": "REPLACE_ME", "AWS_SECRET_ACCESS_KEY": "REPLACE_ME"},
     }
-

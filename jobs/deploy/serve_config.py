@@ -48,8 +48,10 @@ def deployments(spec: ServeSpec) -> list[dict]:
         max_queued_requests=max(ingress_scaling.max_ongoing_requests, spec.limits.max_queued_requests),
         backpressure_config={"status_code": 503, "retry_after_s": spec.limits.retry_after_s},
         autoscaling_config=AutoscalingConfig(**ingress_scaling.serve_config()),
-        ray_actor_options={"num_cpus": spec.resources.ingress.num_cpus,
-                           "num_gpus": spec.resources.ingress.num_gpus or 0},
+        ray_actor_options={
+            "num_cpus": spec.resources.ingress.num_cpus,
+            "num_gpus": spec.resources.ingress.num_gpus or 0,
+        },
     )
     return [model, ingress]
 
@@ -61,13 +63,15 @@ def serve_config(spec: ServeSpec) -> dict:
         "proxy_location": "EveryNode",
         "http_options": {"host": spec.http.host, "port": spec.http.port},
         "logging_config": {"log_level": spec.log_level},
-        "applications": [{
-            "name": spec.app_name,
-            "route_prefix": spec.route_prefix,
-            "import_path": SERVE_IMPORT_PATH,
-            "args": {"spec": spec.model_dump(mode="json", exclude_defaults=True)},
-            "deployments": deployments(spec),
-        }],
+        "applications": [
+            {
+                "name": spec.app_name,
+                "route_prefix": spec.route_prefix,
+                "import_path": SERVE_IMPORT_PATH,
+                "args": {"spec": spec.model_dump(mode="json", exclude_defaults=True)},
+                "deployments": deployments(spec),
+            }
+        ],
     }
     try:
         ServeDeploySchema.model_validate(config)

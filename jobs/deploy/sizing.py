@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from jobs.deploy.cluster import ClusterSpec, GpuPodSize, RenderError
 from jobs.deploy.specs import ServeSpec, cluster_job_spec, cluster_serve_spec
@@ -38,14 +38,19 @@ def _pods(replicas: int, fit: int) -> int:
 
 def _stacked(first: GroupSize, second: GroupSize) -> GroupSize:
     """Two kinds of replicas sharing one group, each packed on pods of its own."""
-    return GroupSize(first.initial + second.initial, first.min + second.min, first.max + second.max,
-                     max(first.ray_cpus, second.ray_cpus))
+    return GroupSize(
+        first.initial + second.initial,
+        first.min + second.min,
+        first.max + second.max,
+        max(first.ray_cpus, second.ray_cpus),
+    )
 
 
 def _scaled(autoscaling, fit: int, ray_cpus: int) -> GroupSize:
     initial = autoscaling.initial_replicas if autoscaling.initial_replicas is not None else autoscaling.min_replicas
-    return GroupSize(_pods(initial, fit), _pods(autoscaling.min_replicas, fit), _pods(autoscaling.max_replicas, fit),
-                     ray_cpus)
+    return GroupSize(
+        _pods(initial, fit), _pods(autoscaling.min_replicas, fit), _pods(autoscaling.max_replicas, fit), ray_cpus
+    )
 
 
 def _gpu_pod_fit(gpus: float, cpus: float, pod: GpuPodSize, what: str) -> tuple[int, int]:
@@ -114,4 +119,3 @@ def vm_groups(serve: ServeSpec | None, jobs: list[JobSpec], cluster: ClusterSpec
         return cpu, None
     gpu_floor = floors[0][1].min if floors[0][1] is not None else 0
     return cpu, GroupSize(0, gpu_floor, max(g.max for g in gpus), max(g.ray_cpus for g in gpus))
-

@@ -15,6 +15,7 @@ _SECRET_MARKERS = ("secret", "password", "token", "access_key", "credential", "a
 
 # ---- credentials stay out of manifests ----
 
+
 def looks_secret(name: str) -> bool:
     lowered = name.lower()
     return lowered == "key" or any(marker in lowered for marker in _SECRET_MARKERS)
@@ -39,6 +40,7 @@ def refuse_secrets(found: list[str], source: str) -> None:
 
 
 # ---- specs as the cluster runs them ----
+
 
 def model_gpus(spec: ServeSpec) -> float:
     """GPUs per model replica on a cluster: the spec's number, else 1 unless the engine is pinned to CPU."""
@@ -72,4 +74,3 @@ def cluster_job_spec(job: JobSpec, source: str = "job spec") -> JobSpec:
     refuse_secrets(found, source)
     resources = job.resources.model_copy(update={"address": None, "gpus_per_replica": job_gpus(job)})
     return job.model_copy(update={"resources": resources})
-

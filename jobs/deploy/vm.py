@@ -18,18 +18,25 @@ def launcher_config(cluster: ClusterSpec, cpu: GroupSize, gpu: GroupSize | None,
     vm = cluster.vm
 
     def node(instance: str) -> dict:
-        config = {"InstanceType": instance,
-                  "BlockDeviceMappings": [{"DeviceName": "/dev/sda1", "Ebs": {"VolumeSize": vm.disk_gb}}]}
+        config = {
+            "InstanceType": instance,
+            "BlockDeviceMappings": [{"DeviceName": "/dev/sda1", "Ebs": {"VolumeSize": vm.disk_gb}}],
+        }
         return {**config, "ImageId": vm.image_id} if vm.image_id else config
 
     node_types: dict = {
         "head": {"resources": {"CPU": 0}, "node_config": node(vm.head_instance)},
-        "cpu": {"min_workers": cpu.min, "max_workers": cpu.max, "resources": {"CPU": cpu.ray_cpus},
-                "node_config": node(vm.cpu_instance)},
+        "cpu": {
+            "min_workers": cpu.min,
+            "max_workers": cpu.max,
+            "resources": {"CPU": cpu.ray_cpus},
+            "node_config": node(vm.cpu_instance),
+        },
     }
     if gpu is not None:
         node_types["gpu"] = {
-            "min_workers": gpu.min, "max_workers": gpu.max,
+            "min_workers": gpu.min,
+            "max_workers": gpu.max,
             "resources": {"CPU": gpu.ray_cpus, "GPU": cluster.gpu_worker.gpus},
             "node_config": node(vm.gpu_instance),
             "docker": {"worker_image": cluster.gpu_image, "worker_run_options": ["--gpus all"]},
@@ -45,8 +52,11 @@ def launcher_config(cluster: ClusterSpec, cpu: GroupSize, gpu: GroupSize | None,
             "image": cluster.image,
             "container_name": cluster.name,
             "pull_before_run": True,
-            "run_options": ["--ulimit nofile=65536:65536", f"--volume /mnt/{cluster.name}-cache:{CACHE_MOUNT}",
-                            f"--env GEMMA_UNIFIED_CACHE={CACHE_MOUNT}/gemma-unified"],
+            "run_options": [
+                "--ulimit nofile=65536:65536",
+                f"--volume /mnt/{cluster.name}-cache:{CACHE_MOUNT}",
+                f"--env GEMMA_UNIFIED_CACHE={CACHE_MOUNT}/gemma-unified",
+            ],
         },
         "available_node_types": node_types,
         "head_node_type": "head",
@@ -62,7 +72,6 @@ def launcher_config(cluster: ClusterSpec, cpu: GroupSize, gpu: GroupSize | None,
             f"{_LOAD_ENV} && ray start --address=$RAY_HEAD_IP:6379 --metrics-export-port={METRICS_PORT}",
         ],
     }
-
 
 
 STORAGE_ENV_EXAMPLE = """\

@@ -54,7 +54,7 @@ def needs_fix() -> bool:
         vocab_size=8,
     )
     try:
-        probe.kv_sharing_modes
+        _ = probe.kv_sharing_modes
     except ValueError:
         return True
     return False

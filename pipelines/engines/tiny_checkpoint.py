@@ -164,8 +164,9 @@ def build_tiny_model(directory: str | Path, *, seed: int = 0) -> Path:
         text_config=text,
         # num_soft_tokens: the default image budget, as in the released config; vLLM's Gemma 4 processing reads it
         # to size its multimodal budget (transformers itself does not).
-        vision_config=Gemma4UnifiedVisionConfig(mm_embed_dim=64, output_proj_dims=64,
-                                                num_soft_tokens=DEFAULT_SOFT_TOKENS),
+        vision_config=Gemma4UnifiedVisionConfig(
+            mm_embed_dim=64, output_proj_dims=64, num_soft_tokens=DEFAULT_SOFT_TOKENS
+        ),
         audio_config=Gemma4UnifiedAudioConfig(),
         image_token_id=tokenizer.image_token_id,
         boi_token_id=tokenizer.boi_token_id,

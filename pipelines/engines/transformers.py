@@ -12,10 +12,10 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import groupby
-from typing import AsyncIterator
 
 import numpy as np
 
@@ -46,8 +46,11 @@ class TransformersEngine:
         mtp_fix.apply()
         self.spec = engine
         self.model_name = model.name
-        self.device = torch.device("cuda" if engine.device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if engine.device == "auto" else engine.device))
+        self.device = torch.device(
+            "cuda"
+            if engine.device == "auto" and torch.cuda.is_available()
+            else ("cpu" if engine.device == "auto" else engine.device)
+        )
         if engine.dtype == "auto":
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         else:
@@ -55,17 +58,23 @@ class TransformersEngine:
         started = time.perf_counter()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model.path)
-            self.model = Gemma4UnifiedForConditionalGeneration.from_pretrained(
-                model.path, dtype=self.dtype, **self._quantization()
-            ).to(self.device).eval()
+            self.model = (
+                Gemma4UnifiedForConditionalGeneration.from_pretrained(
+                    model.path, dtype=self.dtype, **self._quantization()
+                )
+                .to(self.device)
+                .eval()
+            )
             self.assistant = None
             logger.info("loaded %s on %s (%s)", model.path, self.device, str(self.dtype).removeprefix("torch."))
             if engine.speculates and model.assistant_path is not None:
                 from transformers import Gemma4UnifiedAssistantForCausalLM
 
-                self.assistant = Gemma4UnifiedAssistantForCausalLM.from_pretrained(
-                    model.assistant_path, dtype=self.dtype
-                ).to(self.device).eval()
+                self.assistant = (
+                    Gemma4UnifiedAssistantForCausalLM.from_pretrained(model.assistant_path, dtype=self.dtype)
+                    .to(self.device)
+                    .eval()
+                )
                 # transformers reads the draft length from the assistant's generation config only.
                 self.assistant.generation_config.num_assistant_tokens = engine.num_speculative_tokens
         except OSError as exc:
@@ -90,8 +99,11 @@ class TransformersEngine:
         if kind in ("bnb-8bit", "bnb-4bit"):
             from transformers import BitsAndBytesConfig
 
-            return {"quantization_config": BitsAndBytesConfig(load_in_8bit=kind == "bnb-8bit",
-                                                              load_in_4bit=kind == "bnb-4bit")}
+            return {
+                "quantization_config": BitsAndBytesConfig(
+                    load_in_8bit=kind == "bnb-8bit", load_in_4bit=kind == "bnb-4bit"
+                )
+            }
         return {}  # compressed-tensors: the checkpoint's own config says how to load it
 
     # ---- batch generation ----
@@ -137,8 +149,15 @@ class TransformersEngine:
 
             from pipelines.engines.penalties import CountPenalties
 
-            kwargs.update(logits_processor=LogitsProcessorList([CountPenalties(
-                inputs["input_ids"].shape[1], sampling.frequency_penalty, sampling.presence_penalty)]))
+            kwargs.update(
+                logits_processor=LogitsProcessorList(
+                    [
+                        CountPenalties(
+                            inputs["input_ids"].shape[1], sampling.frequency_penalty, sampling.presence_penalty
+                        )
+                    ]
+                )
+            )
         if sampling.logit_bias:
             kwargs.update(sequence_bias={(token,): bias for token, bias in sampling.logit_bias})
         if sampling.seed is not None:
@@ -280,8 +299,17 @@ class TransformersEngine:
 
 
 def _sampling_key(sampling: SamplingParams) -> tuple:
-    return (sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed, sampling.stop,
-            sampling.frequency_penalty, sampling.presence_penalty, sampling.logit_bias)
+    return (
+        sampling.max_new_tokens,
+        sampling.temperature,
+        sampling.top_p,
+        sampling.top_k,
+        sampling.seed,
+        sampling.stop,
+        sampling.frequency_penalty,
+        sampling.presence_penalty,
+        sampling.logit_bias,
+    )
 
 
 @contextmanager

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from pipelines.config import EngineSpec
 from pipelines.engines.base import GenerationResult, PreparedRequest, check_fits
@@ -119,8 +119,9 @@ class VLLMEngine:
             failed = [i for i, output in enumerate(outputs) if _failed(output)]
             if failed:
                 log.warning("vLLM failed %d of %d requests; running them once more", len(failed), len(requests))
-                again = self._llm.generate([inputs[i][0] for i in failed], [inputs[i][1] for i in failed],
-                                           use_tqdm=False)
+                again = self._llm.generate(
+                    [inputs[i][0] for i in failed], [inputs[i][1] for i in failed], use_tqdm=False
+                )
                 for i, output in zip(failed, again):
                     outputs[i] = output
             latency = time.perf_counter() - started
@@ -160,8 +161,9 @@ class VLLMEngine:
         if completion.finish_reason == "abort":
             raise ItemError("vLLM aborted the request", item=request.id, stage="generate")
         if completion.finish_reason == "error":
-            raise GenerationFailed("vLLM failed this request twice (finish_reason 'error')", item=request.id,
-                                   stage="generate")
+            raise GenerationFailed(
+                "vLLM failed this request twice (finish_reason 'error')", item=request.id, stage="generate"
+            )
         finish = "length" if completion.finish_reason == "length" else "stop"
         # vLLM keeps the stop token in token_ids (an int stop_reason, or None for end of sequence);
         # as in the transformers engine it counts as output but is not part of the returned ids.
@@ -230,8 +232,9 @@ class VLLMEngine:
                             log.warning("vLLM failed request %s; running it once more", request.id)
                             retry = True
                             break
-                        raise GenerationFailed("vLLM failed this request (finish_reason 'error')",
-                                               item=request.id, stage="generate")
+                        raise GenerationFailed(
+                            "vLLM failed this request (finish_reason 'error')", item=request.id, stage="generate"
+                        )
                     delta = decoder.push(output.outputs[0].token_ids, final=output.finished)
                     if delta:
                         sent = True

@@ -177,9 +177,7 @@ def audio_for_vllm(frames: np.ndarray) -> tuple[np.ndarray, int]:
 # ---- prompts ----
 
 
-def collapse_placeholders(
-    ids: list[int], tokenizer, image_tokens: list[int], audio_tokens: list[int]
-) -> list[int]:
+def collapse_placeholders(ids: list[int], tokenizer, image_tokens: list[int], audio_tokens: list[int]) -> list[int]:
     """Undo the placeholder expansion: each `begin + soft x N + end` run becomes the single soft token vLLM's
     processor looks for. Run lengths are checked against the media, in prompt order."""
     m = media_markers(tokenizer)

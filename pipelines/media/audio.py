@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, Union
+from typing import BinaryIO
 
 import av
 import numpy as np
@@ -39,7 +40,7 @@ MAX_WINDOW_S = 30.0
 DEFAULT_MAX_DURATION_S = 4 * 3600.0
 RESAMPLE_QUALITY = "HQ"
 
-Source = Union[bytes, BinaryIO]  # a file's bytes, or a seekable binary file object (read from its start)
+Source = bytes | BinaryIO  # a file's bytes, or a seekable binary file object (read from its start)
 
 # Rates outside this range are hostile or broken headers: a 1 Hz file of 20,000 frames claims 5.5 hours.
 _MIN_RATE, _MAX_RATE = 1000, 768_000
@@ -159,8 +160,13 @@ class AudioStream:
                 exc.decoder = name
                 failures.append(exc)
                 if mixer is not None:
-                    logger.info("%s: %s failed after %d input frames (%s); trying the next decoder",
-                                self.item or "audio", name, mixer.read, exc)
+                    logger.info(
+                        "%s: %s failed after %d input frames (%s); trying the next decoder",
+                        self.item or "audio",
+                        name,
+                        mixer.read,
+                        exc,
+                    )
                 continue
             yield from self._finish(windower)
             return
@@ -399,9 +405,7 @@ def window_spans(n: int, *, window_s: float = MAX_WINDOW_S, overlap_s: float = 0
     return spans
 
 
-def window_audio(
-    samples: np.ndarray, *, window_s: float = MAX_WINDOW_S, overlap_s: float = 0.0
-) -> list[AudioWindow]:
+def window_audio(samples: np.ndarray, *, window_s: float = MAX_WINDOW_S, overlap_s: float = 0.0) -> list[AudioWindow]:
     return [
         AudioWindow(index=i, start_s=start / SAMPLE_RATE, end_s=end / SAMPLE_RATE, samples=samples[start:end])
         for i, (start, end) in enumerate(window_spans(len(samples), window_s=window_s, overlap_s=overlap_s))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import PurePosixPath
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 IMAGE, AUDIO, DOCUMENT, TEXT = "image", "audio", "document", "text"
 
@@ -28,7 +28,7 @@ EXTENSIONS = {
 }
 MEDIA_SUFFIXES = frozenset().union(*EXTENSIONS.values())
 
-Source = Union[bytes, BinaryIO]
+Source = bytes | BinaryIO
 
 _HEAD = 4096  # bytes read for magic numbers and the text check
 _PDF_MAGIC = b"%PDF-"  # anywhere in the first 1024 bytes, as PDF readers accept it

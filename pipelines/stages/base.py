@@ -50,8 +50,12 @@ def map_batches(dataset, fn, resources: StageResources, **kwargs):
     """`dataset.map_batches` for a stage: its declared resources become Ray Data's arguments, here only."""
     import ray.data
 
-    args = {"batch_size": resources.batch_size, "batch_format": resources.batch_format,
-            "num_cpus": resources.num_cpus, **kwargs}
+    args = {
+        "batch_size": resources.batch_size,
+        "batch_format": resources.batch_format,
+        "num_cpus": resources.num_cpus,
+        **kwargs,
+    }
     if resources.num_gpus:
         args["num_gpus"] = resources.num_gpus
     if resources.memory_bytes:

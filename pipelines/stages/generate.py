@@ -21,7 +21,9 @@ logger = logging.getLogger(__name__)
 def _result_table(rows: list[dict]):
     import pyarrow as pa
 
-    return pa.table({k: pa.array([r[k] for r in rows], type=pa.type_for_alias(t)) for k, t in GENERATED_COLUMNS.items()})
+    return pa.table(
+        {k: pa.array([r[k] for r in rows], type=pa.type_for_alias(t)) for k, t in GENERATED_COLUMNS.items()}
+    )
 
 
 class Generate(Stage):
@@ -54,9 +56,13 @@ class Generate(Stage):
         # and retries the batches that were in flight on it. __call__ is async: each actor runs
         # max_concurrent_batches batches at once, as ray.data.llm's engine stage does.
         return StageResources(
-            num_cpus=settings.cpus_per_replica, num_gpus=gpus, custom=settings.replica_resources or {},
-            batch_size=settings.batch_size, actors=settings.replicas,
-            concurrent_batches=settings.max_concurrent_batches, max_restarts=settings.max_replica_restarts,
+            num_cpus=settings.cpus_per_replica,
+            num_gpus=gpus,
+            custom=settings.replica_resources or {},
+            batch_size=settings.batch_size,
+            actors=settings.replicas,
+            concurrent_batches=settings.max_concurrent_batches,
+            max_restarts=settings.max_replica_restarts,
         )
 
     def __init__(self, job: JobSpec | None = None) -> None:
@@ -124,9 +130,15 @@ class Generate(Stage):
             segments = json.dumps([{"start_s": s, "end_s": e, "text": t} for (s, e), t in zip(spans, texts)])
         drafted = [r.spec_drafted for r in results if r.spec_drafted is not None]
         return {
-            "id": row["id"], "item_id": row["item_id"], "source": row["source"], "task": row["task"],
-            "text": " ".join(t for t in texts if t), "transcript": transcript, "translation": translation,
-            "segments": segments, "pages": row["pages"] if row["pages"] != "[]" else None,
+            "id": row["id"],
+            "item_id": row["item_id"],
+            "source": row["source"],
+            "task": row["task"],
+            "text": " ".join(t for t in texts if t),
+            "transcript": transcript,
+            "translation": translation,
+            "segments": segments,
+            "pages": row["pages"] if row["pages"] != "[]" else None,
             "prompt_tokens": sum(r.prompt_tokens for r in results),
             "image_tokens": sum(r.image_tokens for r in results),
             "audio_tokens": sum(r.audio_tokens for r in results),
@@ -136,7 +148,9 @@ class Generate(Stage):
             "latency_s": float(sum(r.latency_s for r in results)),
             "spec_drafted": sum(drafted) if drafted else None,
             "spec_accepted": sum(r.spec_accepted or 0 for r in results) if drafted else None,
-            "error": None, "error_stage": None, "window_total": window_total(row),
+            "error": None,
+            "error_stage": None,
+            "window_total": window_total(row),
         }
 
 
@@ -156,7 +170,13 @@ def _strings(values: list[str]):
 
 def _error_row(row: dict, stage: str, message: str) -> dict:
     empty = {key: None for key in RESULT_COLUMNS}
-    return {**empty, "id": row["id"], "item_id": row["item_id"], "source": row["source"], "task": row["task"],
-            "error": message, "error_stage": stage, "window_total": window_total(row)}
-
-
+    return {
+        **empty,
+        "id": row["id"],
+        "item_id": row["item_id"],
+        "source": row["source"],
+        "task": row["task"],
+        "error": message,
+        "error_stage": stage,
+        "window_total": window_total(row),
+    }

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Iterator
 
 import numpy as np
 
@@ -94,12 +94,23 @@ class Prepare(Stage):
             thinking=task.thinking,
         )
         media = self.job.media
-        limits = MediaSpec(**{**media.model_dump(), **(
-            {"max_soft_tokens": int(item.fields["max_soft_tokens"])} if item.fields.get("max_soft_tokens") else {}
-        )})
+        limits = MediaSpec(
+            **{
+                **media.model_dump(),
+                **(
+                    {"max_soft_tokens": int(item.fields["max_soft_tokens"])}
+                    if item.fields.get("max_soft_tokens")
+                    else {}
+                ),
+            }
+        )
         sampling = SamplingParams(
-            max_new_tokens=task.max_new_tokens, temperature=task.temperature, top_p=task.top_p,
-            top_k=task.top_k, seed=task.seed, stop=tuple(task.stop),
+            max_new_tokens=task.max_new_tokens,
+            temperature=task.temperature,
+            top_p=task.top_p,
+            top_k=task.top_k,
+            seed=task.seed,
+            stop=tuple(task.stop),
         )
         return options, limits, sampling
 
@@ -110,8 +121,14 @@ class Prepare(Stage):
             yield self._error(item.id, item.source, "read", ItemError(item.fields["_missing"]))
             return
         options, limits, sampling = self._options(item)
-        base = {"item_id": item.id, "source": item.source, "task": self.job.task.task, "error": None,
-                "error_stage": None, "window_total": None}
+        base = {
+            "item_id": item.id,
+            "source": item.source,
+            "task": self.job.task.task,
+            "error": None,
+            "error_stage": None,
+            "window_total": None,
+        }
         try:
             handle = item.open()
         except Exception as exc:  # unreadable object (gone, permissions): one error row
@@ -125,8 +142,14 @@ class Prepare(Stage):
                     yield from self._audio_units(item, handle, base, options, limits, sampling)
                     return
                 prepared = prepare_item(
-                    handle.read(), item_id=item.id, name=item.source, tokenizer=self.tokenizer(),
-                    options=options, limits=limits, sampling=sampling, modality=modality,
+                    handle.read(),
+                    item_id=item.id,
+                    name=item.source,
+                    tokenizer=self.tokenizer(),
+                    options=options,
+                    limits=limits,
+                    sampling=sampling,
+                    modality=modality,
                 )
         except Exception as exc:  # ItemError, or a decoder bug: either way the item becomes an error row
             yield self._error(item.id, item.source, "prepare", exc)
@@ -134,21 +157,33 @@ class Prepare(Stage):
         for request, segment in zip(prepared.requests, prepared.segments):
             if request.id != item.id and self._is_done(request.id):
                 continue
-            yield {**base, "id": request.id, "segments_in": "[]", "pages": json.dumps(segment.pages),
-                   **pack([request])}
+            yield {**base, "id": request.id, "segments_in": "[]", "pages": json.dumps(segment.pages), **pack([request])}
 
     def _audio_units(self, item, handle, base: dict, options, limits, sampling) -> Iterator[dict]:
         """A clip of one window is one unit; a longer clip is one unit per window, `ITEM#wN`, stitched after the run.
 
         One window is held back until the next decodes, so the last one can carry the window count.
         """
-        windows = AudioRequests(handle, item_id=item.id, tokenizer=self.tokenizer(), options=options,
-                                label=item.source, limits=limits, sampling=sampling)
+        windows = AudioRequests(
+            handle,
+            item_id=item.id,
+            tokenizer=self.tokenizer(),
+            options=options,
+            label=item.source,
+            limits=limits,
+            sampling=sampling,
+        )
 
         def unit(request, segment, total: int | None) -> dict:
             unit_id = item.id if total is None else f"{item.id}#w{segment.index}"
-            return {**base, "id": unit_id, "segments_in": json.dumps([[segment.start_s, segment.end_s]]),
-                    "pages": "[]", "window_total": total, **pack([replace(request, id=unit_id)])}
+            return {
+                **base,
+                "id": unit_id,
+                "segments_in": json.dumps([[segment.start_s, segment.end_s]]),
+                "pages": "[]",
+                "window_total": total,
+                **pack([replace(request, id=unit_id)]),
+            }
 
         held = None
         for request, segment in windows:
@@ -165,9 +200,18 @@ class Prepare(Stage):
 
     def _error(self, unit_id: str, source: str, stage: str, exc: Exception) -> dict:
         message = exc.message if isinstance(exc, ItemError) else f"{type(exc).__name__}: {exc}"
-        return {"id": unit_id, "item_id": unit_id, "source": source, "task": self.job.task.task,
-                "error": message, "error_stage": stage, "segments_in": "[]", "pages": "[]", "window_total": None,
-                **empty_arrays()}
+        return {
+            "id": unit_id,
+            "item_id": unit_id,
+            "source": source,
+            "task": self.job.task.task,
+            "error": message,
+            "error_stage": stage,
+            "segments_in": "[]",
+            "pages": "[]",
+            "window_total": None,
+            **empty_arrays(),
+        }
 
 
 _DONE_CACHE: dict[str, np.ndarray] = {}
@@ -182,5 +226,3 @@ def _done_ids(ref) -> np.ndarray:
         _DONE_CACHE.clear()
         _DONE_CACHE[key] = ray.get(ref)
     return _DONE_CACHE[key]
-
-

@@ -10,8 +10,15 @@ from pipelines.output import OutputDir
 from pipelines.replica import REPLICA_STATS
 from pipelines.stages.base import Stage, StageResources, require_columns
 
-STATS_COLUMNS = ("succeeded", "failed", "output_tokens", "prompt_tokens", "spec_drafted", "spec_accepted",
-                 REPLICA_STATS)
+STATS_COLUMNS = (
+    "succeeded",
+    "failed",
+    "output_tokens",
+    "prompt_tokens",
+    "spec_drafted",
+    "spec_accepted",
+    REPLICA_STATS,
+)
 
 
 class Write(Stage):

@@ -19,7 +19,9 @@ GREEDY = SamplingParams(max_new_tokens=12)
 
 
 def _requests(tokenizer, data, options, sampling=GREEDY, item_id="x", name="note.txt"):
-    return prepare_item(data, item_id=item_id, name=name, tokenizer=tokenizer, options=options, sampling=sampling).requests
+    return prepare_item(
+        data, item_id=item_id, name=name, tokenizer=tokenizer, options=options, sampling=sampling
+    ).requests
 
 
 def _text_bytes(text: str) -> bytes:
@@ -29,31 +31,44 @@ def _text_bytes(text: str) -> bytes:
 @pytest.fixture(scope="module")
 def cases(tokenizer, png_bytes, wav_bytes):
     return {
-        "text": (_text_bytes("A short note about foxes."), TaskOptions(task=Task.prompt, prompt="Summarise."), "doc.txt"),
+        "text": (
+            _text_bytes("A short note about foxes."),
+            TaskOptions(task=Task.prompt, prompt="Summarise."),
+            "doc.txt",
+        ),
         "image": (png_bytes, TaskOptions(task=Task.caption), "a.png"),
         "audio": (wav_bytes, TaskOptions(task=Task.transcribe, language="English"), "a.wav"),
     }
 
 
 @pytest.mark.parametrize("kind", ["image", "audio"])
-def test_greedy_output_equals_model_generate_on_the_processors_inputs(plain_engine, hf_processor, tokenizer, cases, kind):
+def test_greedy_output_equals_model_generate_on_the_processors_inputs(
+    plain_engine, hf_processor, tokenizer, cases, kind
+):
     data, options, name = cases[kind]
-    (request,) = prepare_item(data, item_id=kind, name=name, tokenizer=tokenizer, options=options, sampling=GREEDY).requests
+    (request,) = prepare_item(
+        data, item_id=kind, name=name, tokenizer=tokenizer, options=options, sampling=GREEDY
+    ).requests
     ours = plain_engine.generate([request])[0]
 
     text = render(tokenizer, build_messages(options, [kind]))
     if kind == "image":
-        inputs = hf_processor(text=text, images=[Image.open(io.BytesIO(data))], add_special_tokens=False, return_tensors="pt")
+        inputs = hf_processor(
+            text=text, images=[Image.open(io.BytesIO(data))], add_special_tokens=False, return_tensors="pt"
+        )
     else:
         wave, _ = sf.read(io.BytesIO(data), dtype="float32")
         inputs = hf_processor(text=text, audio=[wave], add_special_tokens=False, return_tensors="pt")
     inputs.pop("num_soft_tokens_per_image", None)
     with torch.inference_mode():
         reference = plain_engine.model.generate(
-            **inputs, max_new_tokens=GREEDY.max_new_tokens, do_sample=False,
-            eos_token_id=sorted(plain_engine.stop_ids), pad_token_id=tokenizer.pad_token_id,
+            **inputs,
+            max_new_tokens=GREEDY.max_new_tokens,
+            do_sample=False,
+            eos_token_id=sorted(plain_engine.stop_ids),
+            pad_token_id=tokenizer.pad_token_id,
         )
-    expected = reference[0, inputs["input_ids"].shape[1]:].tolist()
+    expected = reference[0, inputs["input_ids"].shape[1] :].tolist()
     cut = next((i for i, t in enumerate(expected) if t in plain_engine.stop_ids), len(expected))
     assert ours.output_token_ids == expected[:cut]
     assert ours.prompt_tokens == inputs["input_ids"].shape[1]
@@ -64,7 +79,9 @@ def test_greedy_output_equals_model_generate_on_the_processors_inputs(plain_engi
 def test_speculative_decoding_is_lossless(plain_engine, speculative_engine, tokenizer, cases, kind):
     data, options, name = cases[kind]
     sampling = SamplingParams(max_new_tokens=24)
-    (request,) = prepare_item(data, item_id=kind, name=name, tokenizer=tokenizer, options=options, sampling=sampling).requests
+    (request,) = prepare_item(
+        data, item_id=kind, name=name, tokenizer=tokenizer, options=options, sampling=sampling
+    ).requests
     plain = plain_engine.generate([request])[0]
     spec = speculative_engine.generate([request])[0]
     assert spec.output_token_ids == plain.output_token_ids
@@ -123,10 +140,12 @@ def test_auto_speculation_gives_the_same_greedy_output_on_either_path(tiny_model
     sampling = SamplingParams(max_new_tokens=16)
     requests = []
     for index, prompt in enumerate(["Hi.", "Tell me a story about a fox.", "Why?"]):
-        requests += _requests(tokenizer, b"context", TaskOptions(task=Task.prompt, prompt=prompt), sampling=sampling,
-                              item_id=f"t{index}")
-    requests += _requests(tokenizer, png_bytes, TaskOptions(task=Task.caption), sampling=sampling, item_id="img",
-                          name="a.png")
+        requests += _requests(
+            tokenizer, b"context", TaskOptions(task=Task.prompt, prompt=prompt), sampling=sampling, item_id=f"t{index}"
+        )
+    requests += _requests(
+        tokenizer, png_bytes, TaskOptions(task=Task.caption), sampling=sampling, item_id="img", name="a.png"
+    )
     reference = {r.id: r.output_token_ids for r in plain_engine.generate(requests)}
     alone = [auto.generate([r])[0] for r in requests]
     batched = auto.generate(requests)
@@ -155,25 +174,38 @@ def test_seeded_sampling_is_reproducible_and_differs_from_greedy(plain_engine, t
     first = plain_engine.generate([request])[0]
     second = plain_engine.generate([request])[0]
     assert first.output_token_ids == second.output_token_ids
-    (greedy,) = _requests(tokenizer, b"x", TaskOptions(task=Task.prompt, prompt="Write."), sampling=SamplingParams(max_new_tokens=16))
+    (greedy,) = _requests(
+        tokenizer, b"x", TaskOptions(task=Task.prompt, prompt="Write."), sampling=SamplingParams(max_new_tokens=16)
+    )
     assert plain_engine.generate([greedy])[0].output_token_ids != first.output_token_ids
 
 
 def test_length_finish_and_stop_strings(plain_engine, tokenizer):
-    (request,) = _requests(tokenizer, b"x", TaskOptions(task=Task.prompt, prompt="Go."), sampling=SamplingParams(max_new_tokens=30))
+    (request,) = _requests(
+        tokenizer, b"x", TaskOptions(task=Task.prompt, prompt="Go."), sampling=SamplingParams(max_new_tokens=30)
+    )
     full = plain_engine.generate([request])[0]
     assert full.finish_reason == "length" and full.output_tokens == 30
     stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 2]
-    (stopped,) = _requests(tokenizer, b"x", TaskOptions(task=Task.prompt, prompt="Go."),
-                           sampling=SamplingParams(max_new_tokens=30, stop=(stop,)))
+    (stopped,) = _requests(
+        tokenizer,
+        b"x",
+        TaskOptions(task=Task.prompt, prompt="Go."),
+        sampling=SamplingParams(max_new_tokens=30, stop=(stop,)),
+    )
     result = plain_engine.generate([stopped])[0]
     assert result.finish_reason == "stop"
     assert stop not in result.text and full.text.startswith(result.text)
 
 
 def test_oversize_request_is_refused_with_its_id(plain_engine, tokenizer):
-    (request,) = _requests(tokenizer, b"x", TaskOptions(task=Task.prompt, prompt="Go."),
-                           sampling=SamplingParams(max_new_tokens=9000), item_id="too-long")
+    (request,) = _requests(
+        tokenizer,
+        b"x",
+        TaskOptions(task=Task.prompt, prompt="Go."),
+        sampling=SamplingParams(max_new_tokens=9000),
+        item_id="too-long",
+    )
     with pytest.raises(InvalidRequest, match="too-long.*max_model_len"):
         plain_engine.generate([request])
 
@@ -199,8 +231,12 @@ def test_tiny_model_is_deterministic_for_a_seed(tmp_path):
 def test_stream_yields_the_same_text_as_generate(plain_engine, tokenizer):
     import asyncio
 
-    (request,) = _requests(tokenizer, b"x", TaskOptions(task=Task.prompt, prompt="Stream a few words."),
-                           sampling=SamplingParams(max_new_tokens=20))
+    (request,) = _requests(
+        tokenizer,
+        b"x",
+        TaskOptions(task=Task.prompt, prompt="Stream a few words."),
+        sampling=SamplingParams(max_new_tokens=20),
+    )
     result = plain_engine.generate([request])[0]
 
     async def collect():

@@ -22,7 +22,6 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-
 def test_engine_without_vllm_names_the_extra(monkeypatch, tiny_model):
     from pipelines.engines.vllm import VLLMEngine
 
@@ -72,7 +71,7 @@ class _FakeAsyncLLM:
     """Stands in for vllm's AsyncLLM: streams the completion one token per output (delta mode) or cumulatively;
     the first `errors_left` requests end with finish_reason "error" after their first token."""
 
-    instance: "_FakeAsyncLLM | None" = None
+    instance: _FakeAsyncLLM | None = None
 
     def __init__(self) -> None:
         self.completion: list[int] = []
@@ -104,8 +103,14 @@ def _fake_vllm(monkeypatch) -> None:
     fake.LLM = _FakeLLM
     fake.SamplingParams = lambda **kwargs: kwargs
     modules = {"vllm": fake}
-    for name in ("vllm.engine", "vllm.engine.arg_utils", "vllm.v1", "vllm.v1.engine", "vllm.v1.engine.async_llm",
-                 "vllm.sampling_params"):
+    for name in (
+        "vllm.engine",
+        "vllm.engine.arg_utils",
+        "vllm.v1",
+        "vllm.v1.engine",
+        "vllm.v1.engine.async_llm",
+        "vllm.sampling_params",
+    ):
         modules[name] = types.ModuleType(name)
     modules["vllm.engine.arg_utils"].AsyncEngineArgs = lambda **kwargs: kwargs
     modules["vllm.v1.engine.async_llm"].AsyncLLM = _FakeAsyncLLM
@@ -134,7 +139,10 @@ def fake_online_engine(monkeypatch, tiny_model):
 
 def _text_request(tokenizer, item_id: str = "t"):
     (request,) = prepare_item(
-        b"A note.", item_id=item_id, name="t.txt", tokenizer=tokenizer,
+        b"A note.",
+        item_id=item_id,
+        name="t.txt",
+        tokenizer=tokenizer,
         options=TaskOptions(task=Task.prompt, prompt="Hi"),
     ).requests
     return request
@@ -143,7 +151,9 @@ def _text_request(tokenizer, item_id: str = "t"):
 def test_engine_maps_vllm_outputs_to_results(fake_engine, tiny_model, png_bytes):
     tokenizer = fake_engine.tokenizer
     assert fake_engine._llm.kwargs["speculative_config"] == {
-        "method": "mtp", "model": str(tiny_model.assistant_path), "num_speculative_tokens": 3,
+        "method": "mtp",
+        "model": str(tiny_model.assistant_path),
+        "num_speculative_tokens": 3,
     }
     (request,) = prepare_item(
         png_bytes, item_id="img", name="i.png", tokenizer=tokenizer, options=TaskOptions(task=Task.caption)
@@ -152,12 +162,16 @@ def test_engine_maps_vllm_outputs_to_results(fake_engine, tiny_model, png_bytes)
     end_of_turn = tokenizer.convert_tokens_to_ids("<turn|>")
     fake_engine._llm.completion = (answer + [end_of_turn], "stop", None)
     (result,) = fake_engine.generate([request])
-    (prompt, params), = fake_engine._llm.seen
+    ((prompt, params),) = fake_engine._llm.seen
     assert prompt["prompt_token_ids"].count(tokenizer.image_token_id) == 1
     assert params["stop_token_ids"] == stop_token_ids(tokenizer) and params["temperature"] == 0.0
     assert result.text == "A cat sits on a red mat." and result.finish_reason == "stop"
     assert result.output_token_ids == answer and result.output_tokens == len(answer) + 1
-    assert (result.prompt_tokens, result.image_tokens, result.audio_tokens) == (request.prompt_tokens, request.image_tokens, 0)
+    assert (result.prompt_tokens, result.image_tokens, result.audio_tokens) == (
+        request.prompt_tokens,
+        request.image_tokens,
+        0,
+    )
     assert (result.spec_drafted, result.spec_accepted) == (8, 5)  # a batch of one owns the counter difference
     assert fake_engine.speculation() == (8, 5)
 
@@ -170,8 +184,12 @@ def test_engine_maps_vllm_outputs_to_results(fake_engine, tiny_model, png_bytes)
 
 def test_engine_refuses_requests_over_max_model_len(fake_engine, tokenizer):
     (request,) = prepare_item(
-        b"A note.", item_id="long", name="t.txt", tokenizer=tokenizer,
-        options=TaskOptions(task=Task.prompt, prompt="Hi"), sampling=SamplingParams(max_new_tokens=4090),
+        b"A note.",
+        item_id="long",
+        name="t.txt",
+        tokenizer=tokenizer,
+        options=TaskOptions(task=Task.prompt, prompt="Hi"),
+        sampling=SamplingParams(max_new_tokens=4090),
     ).requests
     with pytest.raises(InvalidRequest, match="max_model_len") as caught:
         fake_engine.generate([request])
@@ -213,11 +231,17 @@ def test_vllm_engine_runs_the_tiny_model(tmp_path):
 
     directory = build_tiny_model(tmp_path / "tiny")
     model = ResolvedModel(name="tiny", path=directory, assistant_path=None)
-    engine = VLLMEngine(model, EngineSpec(kind="vllm", speculative=False, max_model_len=1024, gpu_memory_utilization=0.3))
+    engine = VLLMEngine(
+        model, EngineSpec(kind="vllm", speculative=False, max_model_len=1024, gpu_memory_utilization=0.3)
+    )
     try:
         (request,) = prepare_item(
-            b"A note.", item_id="t", name="t.txt", tokenizer=engine.tokenizer,
-            options=TaskOptions(task=Task.prompt, prompt="Hi"), sampling=SamplingParams(max_new_tokens=8),
+            b"A note.",
+            item_id="t",
+            name="t.txt",
+            tokenizer=engine.tokenizer,
+            options=TaskOptions(task=Task.prompt, prompt="Hi"),
+            sampling=SamplingParams(max_new_tokens=8),
         ).requests
         (result,) = engine.generate([request])
         assert result.id == "t" and result.finish_reason in ("stop", "length")

@@ -44,7 +44,14 @@ def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:
 
 
 # (decoded size, budget): fixed points and non-fixed points of the resize rule, thin and wide.
-CASES = [((224, 224), 280), ((480, 640), 280), ((353, 790), 140), ((805, 211), 280), ((37, 999), 70), ((1080, 1920), 1120)]
+CASES = [
+    ((224, 224), 280),
+    ((480, 640), 280),
+    ((353, 790), 140),
+    ((805, 211), 280),
+    ((37, 999), 70),
+    ((1080, 1920), 1120),
+]
 
 
 @pytest.fixture(scope="module")
@@ -209,13 +216,17 @@ def test_audio_over_thirty_seconds_and_bad_shapes_are_refused():
 # ---- prompts ----
 
 
-def _expand(ids: list[int], tokenizer, images: list[tuple[int, int]], budget: int, audio_lengths: list[int]) -> list[int]:
+def _expand(
+    ids: list[int], tokenizer, images: list[tuple[int, int]], budget: int, audio_lengths: list[int]
+) -> list[int]:
     """vLLM's prompt update: each placeholder -> begin + soft x N + end, N by vLLM's own arithmetic."""
     out, images, audios = [], iter(images), iter(audio_lengths)
     for token in ids:
         if token == tokenizer.image_token_id:
             h, w = vllm_image_size(*next(images), budget)
-            out += [tokenizer.boi_token_id] + [token] * min((h // PATCH) * (w // PATCH), budget) + [tokenizer.eoi_token_id]
+            out += (
+                [tokenizer.boi_token_id] + [token] * min((h // PATCH) * (w // PATCH), budget) + [tokenizer.eoi_token_id]
+            )
         elif token == tokenizer.audio_token_id:
             out += [tokenizer.boa_token_id] + [token] * vllm_audio_tokens(next(audios)) + [tokenizer.eoa_token_id]
         else:
@@ -341,7 +352,12 @@ def test_sampling_kwargs():
         SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.95, top_k=64, seed=7, stop=("\n\n",)), [1, 106]
     )
     assert sampled == {
-        "max_tokens": 8, "temperature": 1.0, "top_p": 0.95, "top_k": 64, "seed": 7, "stop": ["\n\n"],
+        "max_tokens": 8,
+        "temperature": 1.0,
+        "top_p": 0.95,
+        "top_k": 64,
+        "seed": 7,
+        "stop": ["\n\n"],
         "stop_token_ids": [1, 106],
     }
 
@@ -383,8 +399,14 @@ def test_vllm_fp8_in_float32_is_refused_by_the_spec():
 
 
 def test_engine_kwargs():
-    spec = EngineSpec(kind="vllm", dtype="bfloat16", max_model_len=4096, gpu_memory_utilization=0.8,
-                      max_images_per_prompt=3, num_speculative_tokens=6)
+    spec = EngineSpec(
+        kind="vllm",
+        dtype="bfloat16",
+        max_model_len=4096,
+        gpu_memory_utilization=0.8,
+        max_images_per_prompt=3,
+        num_speculative_tokens=6,
+    )
     kwargs = engine_kwargs(spec, "/models/g", "/models/g/assistant", max_soft_tokens=560)
     assert kwargs == {
         "model": "/models/g",
@@ -440,7 +462,8 @@ def test_stream_stops_at_a_stop_string_without_leaking_it(tokenizer):
 
 
 def test_penalties_and_logit_bias_reach_vllm_unchanged():
-    kwargs = to_vllm_sampling_kwargs(SamplingParams(frequency_penalty=0.5, presence_penalty=-1.0,
-                                                    logit_bias=((5, -100.0), (9, 2.5))))
+    kwargs = to_vllm_sampling_kwargs(
+        SamplingParams(frequency_penalty=0.5, presence_penalty=-1.0, logit_bias=((5, -100.0), (9, 2.5)))
+    )
     assert kwargs["frequency_penalty"] == 0.5 and kwargs["presence_penalty"] == -1.0
     assert kwargs["logit_bias"] == {5: -100.0, 9: 2.5}

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import re
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import yaml
@@ -13,11 +13,18 @@ CRDS = Path(__file__).parent / "data" / "crds"
 _INT32 = (-(2**31), 2**31 - 1)
 _LIST = re.compile(r"^list\[(.+)\]$")
 _DICT = re.compile(r"^dict\[([^,]+), (.+)\]$")
-_PRIMITIVES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "datetime": (str,),
-               "date": (str,), "object": (object,)}
+_PRIMITIVES = {
+    "str": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "datetime": (str,),
+    "date": (str,),
+    "object": (object,),
+}
 
 
-@lru_cache(maxsize=None)
+@cache
 def crd_schema(file_name: str, version: str = "v1") -> dict:
     crd = yaml.safe_load((CRDS / file_name).read_text())
     for entry in crd["spec"]["versions"]:
@@ -151,6 +158,8 @@ def manifest_errors(document: dict) -> list[str]:
     if name == "RayService":
         cluster_schema = subschema(crd_schema("ray.io_raycronjobs.yaml"), "spec", "jobTemplate", "rayClusterSpec")
         cluster = document.get("spec", {}).get("rayClusterConfig")
-        errors += [f"[ray.io_raycronjobs.yaml] {e}"
-                   for e in crd_errors(cluster, cluster_schema, f"{name}.spec.rayClusterConfig")]
+        errors += [
+            f"[ray.io_raycronjobs.yaml] {e}"
+            for e in crd_errors(cluster, cluster_schema, f"{name}.spec.rayClusterConfig")
+        ]
     return errors

@@ -86,8 +86,9 @@ def test_the_resolver_refuses_what_the_cli_would_refuse():
         resolve(cli, ["make-tiny-model"])  # its directory argument is required
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["schedule"], ["schedule", "run"], ["serve"], ["submit"],
-                                     ["render-k8s"]])
+@pytest.mark.parametrize(
+    "command", [[], ["run"], ["schedule"], ["schedule", "run"], ["serve"], ["submit"], ["render-k8s"]]
+)
 def test_help_of_each_command_the_infra_uses(command):
     from typer.testing import CliRunner
 

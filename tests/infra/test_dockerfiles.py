@@ -48,7 +48,7 @@ def _makefile_install() -> list[str]:
             continue
         words = shlex.split(line.strip())
         if "install" in words and "-c" in words and "-e" in words:
-            return words[words.index("install") + 1:]
+            return words[words.index("install") + 1 :]
     raise AssertionError("no `pip install -c ... -e ...` line in the Makefile")
 
 
@@ -127,8 +127,11 @@ def test_images_have_what_kuberay_and_the_launcher_call(name):
 
 
 def test_dockerignore_keeps_the_context_small_but_complete():
-    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")}
+    ignored = {
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     assert {".git", ".venv", "tests", "infra"} <= ignored
     needed = {"pyproject.toml", "constraints.txt", "README.md", "pipelines", "serving", "jobs"}
     assert not needed & ignored

@@ -54,6 +54,9 @@ def test_every_metric_queried_is_exported():
     missing = [n for n in used if not (n in endpoint if n.startswith("gemma_unified_") else n in ray_text)]
     assert not missing, f"metrics no exporter provides: {sorted(missing)}"
     assert {n for n in used if n.startswith("gemma_unified_")} >= {
-        "gemma_unified_requests_total", "gemma_unified_request_latency_seconds_bucket",
-        "gemma_unified_model_queue_depth", "gemma_unified_tokens_total"}
+        "gemma_unified_requests_total",
+        "gemma_unified_request_latency_seconds_bucket",
+        "gemma_unified_model_queue_depth",
+        "gemma_unified_tokens_total",
+    }
     assert any(n.startswith("ray_data_") for n in used) and any(n.startswith("ray_serve_") for n in used)

@@ -14,12 +14,20 @@ def test_every_manifest_parses_and_is_a_known_kind(rendered, manifests):
     for path, text in rendered.items():
         if path.endswith(".yaml"):
             assert list(yaml.safe_load_all(text)), path
-    assert set(manifests) == {"RayService", "RayJob", "RayCluster", "ConfigMap", "PersistentVolumeClaim", "CronJob",
-                              "Secret"}
+    assert set(manifests) == {
+        "RayService",
+        "RayJob",
+        "RayCluster",
+        "ConfigMap",
+        "PersistentVolumeClaim",
+        "CronJob",
+        "Secret",
+    }
 
 
-@pytest.mark.parametrize("kind", ["RayService", "RayJob", "RayCluster", "ConfigMap", "PersistentVolumeClaim",
-                                  "CronJob", "Secret"])
+@pytest.mark.parametrize(
+    "kind", ["RayService", "RayJob", "RayCluster", "ConfigMap", "PersistentVolumeClaim", "CronJob", "Secret"]
+)
 def test_manifest_matches_its_published_schema(manifests, kind):
     assert manifest_errors(manifests[kind]) == []
 
@@ -72,8 +80,10 @@ def test_rayservice_serve_config_is_the_specs(manifests, serve_spec):
     assert app["route_prefix"] == serve_spec.route_prefix and app["name"] == serve_spec.app_name
     assert config["http_options"]["port"] == serve_spec.http.port
     deployments = {d["name"]: d for d in app["deployments"]}
-    for name, scaling, resources in (("Model", serve_spec.autoscaling.model, serve_spec.resources.model),
-                                     ("Ingress", serve_spec.autoscaling.ingress, serve_spec.resources.ingress)):
+    for name, scaling, resources in (
+        ("Model", serve_spec.autoscaling.model, serve_spec.resources.model),
+        ("Ingress", serve_spec.autoscaling.ingress, serve_spec.resources.ingress),
+    ):
         deployment = deployments[name]
         assert deployment["autoscaling_config"] == scaling.serve_config()
         assert deployment["max_ongoing_requests"] == scaling.max_ongoing_requests
@@ -105,13 +115,21 @@ def test_serve_config_is_what_rays_own_schema_accepts_and_what_the_app_builds(ma
         assert live.ray_actor_options["num_gpus"] == deployment["ray_actor_options"]["num_gpus"]
 
 
-@pytest.mark.parametrize("fields", [
-    {},
-    {"engine": {"device": "cpu"}, "resources": {"model": {"num_cpus": 2}, "ingress": {"num_cpus": 0.5}}},
-    {"autoscaling": {"model": {"min_replicas": 0, "max_replicas": 3, "initial_replicas": 2},
-                     "ingress": {"max_replicas": 6, "max_ongoing_requests": 64}},
-     "limits": {"max_queued_requests": 500, "retry_after_s": 3}, "resources": {"ingress": {"num_gpus": 0.25}}},
-])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"engine": {"device": "cpu"}, "resources": {"model": {"num_cpus": 2}, "ingress": {"num_cpus": 0.5}}},
+        {
+            "autoscaling": {
+                "model": {"min_replicas": 0, "max_replicas": 3, "initial_replicas": 2},
+                "ingress": {"max_replicas": 6, "max_ongoing_requests": 64},
+            },
+            "limits": {"max_queued_requests": 500, "retry_after_s": 3},
+            "resources": {"ingress": {"num_gpus": 0.25}},
+        },
+    ],
+)
 def test_rendered_deployments_are_the_options_build_app_sets(fields):
     """The config's deployment entries, built from the spec on Serve's public schema, carry exactly the options
     that `serving.app.build_app` sets on the deployments it binds for the same spec (less the runtime_env, which
@@ -200,8 +218,10 @@ def test_scheduler_reads_the_schedules_with_runs_on_the_batch_cluster(manifests,
     pod = cron["jobTemplate"]["spec"]["template"]["spec"]
     mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
-    assert volumes[mounts["/var/lib/gemma-unified"]]["persistentVolumeClaim"]["claimName"] == \
-        manifests["PersistentVolumeClaim"]["metadata"]["name"]
+    assert (
+        volumes[mounts["/var/lib/gemma-unified"]]["persistentVolumeClaim"]["claimName"]
+        == manifests["PersistentVolumeClaim"]["metadata"]["name"]
+    )
     assert volumes[mounts["/etc/gemma-unified"]]["configMap"]["name"] == manifests["ConfigMap"]["metadata"]["name"]
     assert cron["concurrencyPolicy"] == "Forbid"
     batch = manifests["RayCluster"]
@@ -238,8 +258,10 @@ def test_workers_mirror_weights_onto_node_local_disk(manifests, cluster):
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
         assert env["GEMMA_UNIFIED_CACHE"].startswith(mounts["model-cache"] + "/"), (kind, group)
         volume = next(v for v in template["spec"]["volumes"] if v["name"] == "model-cache")
-        assert volume == {"name": "model-cache", "hostPath": {"path": cluster.cache_host_path,
-                                                              "type": "DirectoryOrCreate"}}
+        assert volume == {
+            "name": "model-cache",
+            "hostPath": {"path": cluster.cache_host_path, "type": "DirectoryOrCreate"},
+        }
 
 
 def test_gpu_pods_run_the_gpu_image_and_cpu_pods_the_cpu_image(manifests, cluster):
@@ -261,7 +283,7 @@ def test_head_exposes_rays_metrics_ports(manifests):
     from ray.autoscaler._private.constants import AUTOSCALER_METRIC_PORT
     from ray.dashboard.consts import DASHBOARD_METRIC_PORT
 
-    for kind, group, template in _ray_containers(manifests):
+    for _kind, group, template in _ray_containers(manifests):
         ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
         assert ports["metrics"] == int(template["metadata"]["annotations"]["prometheus.io/port"])
         if group == "head":

@@ -19,8 +19,9 @@ def _app() -> typer.Typer:
 
 
 def test_stdout_is_ready_for_kubectl_apply_without_the_secret_template():
-    result = runner.invoke(_app(), [str(EXAMPLES / "serve.yaml"), "--image", "r.example.com/cpu:1",
-                                    "--gpu-image", "r.example.com/gpu:1"])
+    result = runner.invoke(
+        _app(), [str(EXAMPLES / "serve.yaml"), "--image", "r.example.com/cpu:1", "--gpu-image", "r.example.com/gpu:1"]
+    )
     assert result.exit_code == 0, result.output
     documents = [d for d in yaml.safe_load_all(result.stdout) if d]
     assert [d["kind"] for d in documents] == ["RayService"]
@@ -32,8 +33,12 @@ def test_out_writes_kubernetes_and_vm_files(tmp_path):
     result = runner.invoke(_app(), ["--job", str(EXAMPLES / "job.yaml"), "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
-    assert written == ["k8s/rayjob-job.yaml", "k8s/templates/storage-secret.yaml", "vm/cluster.yaml",
-                       "vm/storage.env.example"]
+    assert written == [
+        "k8s/rayjob-job.yaml",
+        "k8s/templates/storage-secret.yaml",
+        "vm/cluster.yaml",
+        "vm/storage.env.example",
+    ]
     cluster = yaml.safe_load((tmp_path / "vm" / "cluster.yaml").read_text())
     assert "/etc/gemma-unified/serve-config.yaml" not in cluster["file_mounts"]  # no endpoint, no Serve config
 

@@ -41,8 +41,10 @@ def test_gpu_group_scales_with_the_model_deployment():
 
 
 def test_fractional_gpus_pack_replicas_per_pod():
-    spec = serve(resources={"model": {"num_gpus": 0.5, "num_cpus": 2}},
-                 autoscaling={"model": {"min_replicas": 1, "max_replicas": 5}})
+    spec = serve(
+        resources={"model": {"num_gpus": 0.5, "num_cpus": 2}},
+        autoscaling={"model": {"min_replicas": 1, "max_replicas": 5}},
+    )
     _, gpu = serve_groups(spec, ClusterSpec())
     assert (gpu.min, gpu.max, gpu.ray_cpus) == (1, 3, 4)
 
@@ -90,20 +92,29 @@ def test_batch_cluster_scales_from_zero_to_the_largest_job():
 
 def test_vm_cluster_covers_the_endpoint_and_the_jobs():
     cluster = ClusterSpec()
-    cpu, gpu = vm_groups(serve(autoscaling={"model": {"min_replicas": 1, "max_replicas": 2}}), [job(replicas=5)],
-                         cluster)
+    cpu, gpu = vm_groups(
+        serve(autoscaling={"model": {"min_replicas": 1, "max_replicas": 2}}), [job(replicas=5)], cluster
+    )
     assert (gpu.min, gpu.max) == (1, 5)
     cpu, gpu = vm_groups(None, [job(replicas=2)], cluster)
     assert (gpu.min, gpu.max) == (0, 2)
 
 
-@pytest.mark.parametrize("fields, where", [
-    ({"auth": {"api_keys": ["sk-live"]}}, "auth.api_keys[0]"),
-    ({"model": {"name": "s3://m/", "storage_options": {"key": "AKIA", "secret": "s"}}}, "model.storage_options.key"),
-    ({"model": {"name": "s3://m/", "storage_options": {"client_kwargs": {"aws_secret_access_key": "s"}}}},
-     "model.storage_options.client_kwargs.aws_secret_access_key"),
-    ({"remote_media": {"storage_options": {"token": "t"}}}, "remote_media.storage_options.token"),
-])
+@pytest.mark.parametrize(
+    "fields, where",
+    [
+        ({"auth": {"api_keys": ["sk-live"]}}, "auth.api_keys[0]"),
+        (
+            {"model": {"name": "s3://m/", "storage_options": {"key": "AKIA", "secret": "s"}}},
+            "model.storage_options.key",
+        ),
+        (
+            {"model": {"name": "s3://m/", "storage_options": {"client_kwargs": {"aws_secret_access_key": "s"}}}},
+            "model.storage_options.client_kwargs.aws_secret_access_key",
+        ),
+        ({"remote_media": {"storage_options": {"token": "t"}}}, "remote_media.storage_options.token"),
+    ],
+)
 def test_inline_credentials_are_refused(fields, where):
     with pytest.raises(RenderError, match="clear text") as caught:
         serve_config(serve(**fields))

@@ -10,8 +10,9 @@ GENERATED = ("k8s", "vm")
 
 def test_committed_manifests_match_a_fresh_render(rendered):
     infra = REPO / "infra"
-    stale = [path for path, text in rendered.items()
-             if not (infra / path).is_file() or (infra / path).read_text() != text]
+    stale = [
+        path for path, text in rendered.items() if not (infra / path).is_file() or (infra / path).read_text() != text
+    ]
     on_disk = {str(p.relative_to(infra)) for folder in GENERATED for p in (infra / folder).rglob("*") if p.is_file()}
     leftovers = sorted(on_disk - set(rendered))
     assert not stale and not leftovers, (

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -17,7 +17,7 @@ class FakeClock:
         return self.now
 
     def set(self, *args: int) -> None:
-        self.now = datetime(*args, tzinfo=timezone.utc)
+        self.now = datetime(*args, tzinfo=UTC)
 
     def advance(self, **delta: float) -> None:
         self.now += timedelta(**delta)
@@ -59,7 +59,7 @@ class FakeRunner:
 
 @pytest.fixture
 def clock():
-    return FakeClock(datetime(2025, 1, 15, 10, 0, 5, tzinfo=timezone.utc))
+    return FakeClock(datetime(2025, 1, 15, 10, 0, 5, tzinfo=UTC))
 
 
 @pytest.fixture

@@ -59,10 +59,26 @@ def _free_range(size: int) -> tuple[int, int]:
 def _node_ports() -> list[str]:
     manager, objects, agent, agent_grpc, runtime_env, metrics = _free_ports(6)
     low, high = _free_range(40)
-    return ["--node-ip-address", "127.0.0.1", "--node-manager-port", str(manager), "--object-manager-port",
-            str(objects), "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port",
-            str(agent_grpc), "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics),
-            "--min-worker-port", str(low), "--max-worker-port", str(high)]
+    return [
+        "--node-ip-address",
+        "127.0.0.1",
+        "--node-manager-port",
+        str(manager),
+        "--object-manager-port",
+        str(objects),
+        "--dashboard-agent-listen-port",
+        str(agent),
+        "--dashboard-agent-grpc-port",
+        str(agent_grpc),
+        "--runtime-env-agent-port",
+        str(runtime_env),
+        "--metrics-export-port",
+        str(metrics),
+        "--min-worker-port",
+        str(low),
+        "--max-worker-port",
+        str(high),
+    ]
 
 
 @dataclass
@@ -80,8 +96,13 @@ class Cluster:
 
 def _start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
     # Its own session: the whole node (ray start --block and what it spawns) is one process group to stop.
-    return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args], env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [RAY, "start", "--block", "--disable-usage-stats", *args],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -124,17 +145,51 @@ def cluster(tiny_dir, tmp_path_factory):
     env["RAY_AUTH_MODE"] = "disabled"  # token auth is Ray's business, not this test's; see the README for clients
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # nothing to drain at teardown
     gcs_port, dashboard_port, client_port = _free_ports(3)
-    head = _start(["--head", "--port", str(gcs_port), "--dashboard-host", "127.0.0.1", "--dashboard-port",
-                   str(dashboard_port), "--include-dashboard", "true", "--ray-client-server-port", str(client_port),
-                   "--num-cpus", "2", "--object-store-memory", str(200 * 1024 * 1024), "--temp-dir", temp_head,
-                   *_node_ports()], env, logs / "head.log")
+    head = _start(
+        [
+            "--head",
+            "--port",
+            str(gcs_port),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dashboard_port),
+            "--include-dashboard",
+            "true",
+            "--ray-client-server-port",
+            str(client_port),
+            "--num-cpus",
+            "2",
+            "--object-store-memory",
+            str(200 * 1024 * 1024),
+            "--temp-dir",
+            temp_head,
+            *_node_ports(),
+        ],
+        env,
+        logs / "head.log",
+    )
     processes = [head]
     try:
         address = f"http://127.0.0.1:{dashboard_port}"
         _wait_until(lambda: JobSubmissionClient(address), 90, "the head", processes)
-        worker = _start(["--address", f"127.0.0.1:{gcs_port}", "--num-cpus", "2", "--resources",
-                         json.dumps({"gpu_node": 1}), "--object-store-memory", str(200 * 1024 * 1024),
-                         "--temp-dir", temp_worker, *_node_ports()], env, logs / "worker.log")
+        worker = _start(
+            [
+                "--address",
+                f"127.0.0.1:{gcs_port}",
+                "--num-cpus",
+                "2",
+                "--resources",
+                json.dumps({"gpu_node": 1}),
+                "--object-store-memory",
+                str(200 * 1024 * 1024),
+                "--temp-dir",
+                temp_worker,
+                *_node_ports(),
+            ],
+            env,
+            logs / "worker.log",
+        )
         processes.append(worker)
         running = Cluster(address)
         _wait_until(lambda: len(running.nodes()) == 2, 90, "two nodes", processes)
@@ -159,13 +214,22 @@ def images(tmp_path_factory) -> Path:
 
 def job_yaml(folder: Path, images: Path, output: Path) -> Path:
     path = folder / "job.yaml"
-    path.write_text(yaml.safe_dump({
-        "input": {"url": str(images)},
-        "output": {"url": str(output)},
-        "task": {"task": "caption", "max_new_tokens": 4},
-        "engine": {"speculative": False},
-        "resources": {"replicas": 1, "batch_size": 4, "cpus_per_replica": 1, "replica_resources": {"gpu_node": 1}},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "input": {"url": str(images)},
+                "output": {"url": str(output)},
+                "task": {"task": "caption", "max_new_tokens": 4},
+                "engine": {"speculative": False},
+                "resources": {
+                    "replicas": 1,
+                    "batch_size": 4,
+                    "cpus_per_replica": 1,
+                    "replica_resources": {"gpu_node": 1},
+                },
+            }
+        )
+    )
     return path
 
 
@@ -198,8 +262,13 @@ def submitted(cluster, images, tmp_path_factory) -> Submitted:
     job_file = job_yaml(folder, inbox, folder / "captions")
     result = invoke("submit", str(job_file), "--address", cluster.address, "--wait")
     assert result.exit_code == 0, result.output
-    return Submitted(result.output.splitlines()[0].strip(), job_file, inbox, folder / "captions",
-                     sorted(p.name for p in inbox.iterdir()))
+    return Submitted(
+        result.output.splitlines()[0].strip(),
+        job_file,
+        inbox,
+        folder / "captions",
+        sorted(p.name for p in inbox.iterdir()),
+    )
 
 
 def test_a_submitted_job_completes_with_its_model_actors_on_the_worker_node(cluster, submitted):
@@ -211,8 +280,11 @@ def test_a_submitted_job_completes_with_its_model_actors_on_the_worker_node(clus
     assert json.loads((submitted.output / "_job.json").read_text())["status"] == "succeeded"
 
     info = JobSubmissionClient(cluster.address).get_job_info(submitted.job_id)
-    actors = [a for a in list_actors(address=cluster.address, limit=10_000)
-              if GENERATE_ACTOR in (a.class_name or "") and a.job_id == info.job_id]
+    actors = [
+        a
+        for a in list_actors(address=cluster.address, limit=10_000)
+        if GENERATE_ACTOR in (a.class_name or "") and a.job_id == info.job_id
+    ]
     assert actors, "no model actor recorded for the job"
     assert {a.node_id for a in actors} == {cluster.worker_node_id()}
 
@@ -236,8 +308,9 @@ def test_stop_and_status_exit_codes(cluster, images, tmp_path):
     job_id = result.output.strip()
     assert invoke("jobs", "status", job_id, "--address", cluster.address).exit_code in (0, 3)
     assert invoke("jobs", "stop", job_id, "--address", cluster.address).exit_code == 0
-    _wait_until(lambda: invoke("jobs", "status", job_id, "--address", cluster.address).exit_code != 3, 60,
-                "the job to stop")
+    _wait_until(
+        lambda: invoke("jobs", "status", job_id, "--address", cluster.address).exit_code != 3, 60, "the job to stop"
+    )
     status = invoke("jobs", "status", job_id, "--address", cluster.address)
     assert status.exit_code == 1 and "STOPPED" in status.output
     assert invoke("jobs", "status", "no-such-job", "--address", cluster.address).exit_code == 2
@@ -250,12 +323,24 @@ def test_a_scheduled_run_on_the_cluster_processes_only_new_items(cluster, submit
 
     shutil.copy(next(submitted.inbox.glob("*.png")), submitted.inbox / "new.png")
     schedules = submitted.job_file.parent / "schedules.yaml"
-    schedules.write_text(yaml.safe_dump({"schedules": [
-        {"name": "captions", "cron": "0 * * * *", "job": submitted.job_file.name, "address": cluster.address},
-    ]}))
+    schedules.write_text(
+        yaml.safe_dump(
+            {
+                "schedules": [
+                    {
+                        "name": "captions",
+                        "cron": "0 * * * *",
+                        "job": submitted.job_file.name,
+                        "address": cluster.address,
+                    },
+                ]
+            }
+        )
+    )
     config = load_schedules(schedules)
     scheduler = Scheduler(config.schedules, History(config.state), default_runners(config), clock=clock)
     runs = scheduler.wait_for(scheduler.tick(), poll_s=1.0)
     assert [(r.job_id, r.state, r.succeeded, r.failed, r.skipped) for r in runs] == [
-        ("captions-20250115T100000Z", "succeeded", 1, 0, 5)], runs
+        ("captions-20250115T100000Z", "succeeded", 1, 0, 5)
+    ], runs
     assert len(OutputDir(str(submitted.output), {}).read_column(RESULTS)) == 6

@@ -35,13 +35,15 @@ def test_the_second_run_processes_only_new_images(tmp_path, tiny_dir, ray_tmpdir
         if sample.suffix in (".jpg", ".png", ".webp"):
             inbox.mkdir(exist_ok=True)
             shutil.copy(sample, inbox / f"day1_{sample.name}")
-    job = build_job({
-        "input": {"url": str(inbox)},
-        "output": {"url": str(tmp_path / "captions")},
-        "task": {"task": "caption", "max_new_tokens": 4},
-        "engine": {"speculative": False},
-        "resources": {"num_cpus": 2, "object_store_mb": 200, "batch_size": 4},
-    })
+    job = build_job(
+        {
+            "input": {"url": str(inbox)},
+            "output": {"url": str(tmp_path / "captions")},
+            "task": {"task": "caption", "max_new_tokens": 4},
+            "engine": {"speculative": False},
+            "resources": {"num_cpus": 2, "object_store_mb": 200, "batch_size": 4},
+        }
+    )
     entry = ScheduleEntry(name="nightly", cron="0 2 * * *", job={}, incremental=True)
     schedule = Schedule(entry, job, "test")
     history = History(tmp_path / "history.db")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -35,8 +36,11 @@ def load_error(path: Path) -> str:
 def test_a_good_file_loads_with_inline_and_referenced_jobs(tmp_path):
     (tmp_path / "jobs").mkdir()
     (tmp_path / "jobs" / "captions.yaml").write_text(yaml.safe_dump({**JOB, "task": {"task": "caption"}}))
-    path = write(tmp_path, [entry(), entry(name="captions", job="jobs/captions.yaml", concurrency="replace")],
-                 state="state/history.db")
+    path = write(
+        tmp_path,
+        [entry(), entry(name="captions", job="jobs/captions.yaml", concurrency="replace")],
+        state="state/history.db",
+    )
     config = load_schedules(path)
     assert config.names == ["nightly", "captions"]
     assert config.get("captions").job.task.task == "caption"
@@ -116,16 +120,27 @@ def test_check_shows_the_next_runs(tmp_path):
 
 
 def test_history_shows_recorded_runs(tmp_path):
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from jobs.history import History, Run
 
     path = write(tmp_path, [entry()])
     config = load_schedules(path)
     history = History(config.state)
-    when = datetime(2025, 1, 15, 1, 0, tzinfo=timezone.utc)
-    history.claim(Run("nightly", when, "succeeded", "nightly-20250115T010000Z", started_at=when, ended_at=when,
-                      succeeded=3, failed=0, skipped=5))
+    when = datetime(2025, 1, 15, 1, 0, tzinfo=UTC)
+    history.claim(
+        Run(
+            "nightly",
+            when,
+            "succeeded",
+            "nightly-20250115T010000Z",
+            started_at=when,
+            ended_at=when,
+            succeeded=3,
+            failed=0,
+            skipped=5,
+        )
+    )
     result = CliRunner().invoke(cli(), ["schedule", "history", "nightly", "--file", str(path)], env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
     assert "nightly-20250115T010000Z" in result.output and "succeeded" in result.output
@@ -134,18 +149,18 @@ def test_history_shows_recorded_runs(tmp_path):
 
 
 def test_once_records_a_failing_run_with_its_error_and_exits_1(tmp_path):
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from jobs.history import History
 
     # Due now (the current hour, first seen within its deadline); the real `gemma-unified run` fails fast.
     job = {"input": {"url": str(tmp_path / "missing")}, "output": {"url": str(tmp_path / "out")}}
     path = write(tmp_path, [entry(name="hourly", cron="0 * * * *", timezone="UTC", job=job)], state="state.db")
-    hour = datetime.now(timezone.utc).hour
+    hour = datetime.now(UTC).hour
     result = CliRunner().invoke(cli(), ["schedule", str(path), "--once", "--poll-s", "0.2"], env={"COLUMNS": "200"})
     assert result.exit_code == 1, result.output
     [run] = History(tmp_path / "state.db").runs("hourly")
     assert run.state == "failed" and "exit code 2" in run.error and "nothing found at" in run.error
     again = CliRunner().invoke(cli(), ["schedule", str(path), "--once"])
-    if datetime.now(timezone.utc).hour == hour:
+    if datetime.now(UTC).hour == hour:
         assert again.exit_code == 0 and "nothing due" in again.output  # the same time never runs twice

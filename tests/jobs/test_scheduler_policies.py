@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -20,7 +20,7 @@ def make_schedule(**fields) -> Schedule:
 
 
 def at(hour: int, minute: int = 0, day: int = 15) -> datetime:
-    return datetime(2025, 1, day, hour, minute, tzinfo=timezone.utc)
+    return datetime(2025, 1, day, hour, minute, tzinfo=UTC)
 
 
 @pytest.fixture
@@ -175,7 +175,7 @@ def test_a_second_scheduler_on_the_same_history_does_not_double_start(history, r
 def test_cron_is_read_in_the_schedule_time_zone(history, runner, clock):
     clock.set(2025, 7, 1, 0, 0, 30)  # 02:00:30 in Paris (summer time)
     sched = scheduler(history, runner, clock, cron="0 2 * * *", timezone="Europe/Paris")
-    assert [r.scheduled_for for r in sched.tick()] == [datetime(2025, 7, 1, 0, 0, tzinfo=timezone.utc)]
+    assert [r.scheduled_for for r in sched.tick()] == [datetime(2025, 7, 1, 0, 0, tzinfo=UTC)]
 
 
 def test_history_limits_prune_the_oldest_runs(history, runner, clock):

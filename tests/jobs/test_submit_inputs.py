@@ -16,8 +16,12 @@ from jobs.cli.cluster import jobs_app, submit
 from jobs.job_files import build_job
 from jobs.submit import ENTRYPOINT, SPEC_ENV, runtime_env
 
-JOB = {"input": {"url": "/data/in"}, "output": {"url": "/data/out"},
-       "task": {"task": "caption", "max_new_tokens": 8}, "resources": {"address": "ray://elsewhere:10001"}}
+JOB = {
+    "input": {"url": "/data/in"},
+    "output": {"url": "/data/out"},
+    "task": {"task": "caption", "max_new_tokens": 8},
+    "resources": {"address": "ray://elsewhere:10001"},
+}
 
 
 def cli():
@@ -41,8 +45,9 @@ def test_the_entrypoint_is_gemma_unified_run_on_the_carried_spec(tmp_path):
     env = {**os.environ, **runtime_env(job)["env_vars"]}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     # The spec reaches `run` (its input check fails fast, before Ray starts): proof that the plumbing works.
-    result = subprocess.run(["/bin/sh", "-c", ENTRYPOINT], env=env, capture_output=True, text=True, timeout=120,
-                            cwd=tmp_path)
+    result = subprocess.run(
+        ["/bin/sh", "-c", ENTRYPOINT], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"nothing found at {tmp_path / 'missing'}" in " ".join((result.stdout + result.stderr).split())
 

@@ -22,12 +22,22 @@ def tones(seconds: float, rate: int, channels: int, seed: int = 0) -> np.ndarray
     n = max(1, round(seconds * rate))
     t = np.arange(n) / rate
     rng = np.random.default_rng(seed)
-    return np.stack([0.3 * np.sin(2 * np.pi * (220 + 110 * c) * t) + rng.normal(0, 0.02, n) for c in range(channels)]
-                    ).astype(np.float32)
+    return np.stack(
+        [0.3 * np.sin(2 * np.pi * (220 + 110 * c) * t) + rng.normal(0, 0.02, n) for c in range(channels)]
+    ).astype(np.float32)
 
 
-def av_file(fmt: str, audio_codec: str | None, *, seconds: float = 1.5, rate: int = 44100, channels: int = 2,
-            video_codec: str | None = None, bit_rate: int | None = None, options: dict | None = None) -> bytes:
+def av_file(
+    fmt: str,
+    audio_codec: str | None,
+    *,
+    seconds: float = 1.5,
+    rate: int = 44100,
+    channels: int = 2,
+    video_codec: str | None = None,
+    bit_rate: int | None = None,
+    options: dict | None = None,
+) -> bytes:
     """A file from FFmpeg's muxer `fmt` with an audio track (and a small video track when video_codec is set)."""
     layout = "mono" if channels == 1 else "stereo"
     buffer = io.BytesIO()
@@ -42,8 +52,12 @@ def av_file(fmt: str, audio_codec: str | None, *, seconds: float = 1.5, rate: in
                 audio.bit_rate = bit_rate
             frame = av.AudioFrame.from_ndarray(tones(seconds, rate, channels), format="fltp", layout=layout)
             frame.sample_rate = rate
-            resampler = av.AudioResampler(format=audio.codec_context.codec.audio_formats[0].name, layout=layout,
-                                          rate=rate, frame_size=audio.codec_context.frame_size or None)
+            resampler = av.AudioResampler(
+                format=audio.codec_context.codec.audio_formats[0].name,
+                layout=layout,
+                rate=rate,
+                frame_size=audio.codec_context.frame_size or None,
+            )
             for converted in [*resampler.resample(frame), *resampler.resample(None)]:
                 for packet in audio.encode(converted):
                     container.mux(packet)

@@ -224,8 +224,17 @@ def test_window_spans_examples(n, window_s, overlap_s, spans):
 
 @pytest.mark.parametrize(
     "window_s, overlap_s",
-    [(0.0, 0.0), (-1.0, 0.0), (30.01, 0.0), (float("nan"), 0.0), (0.02, 0.0), (10.0, -1.0), (10.0, 10.0),
-     (10.0, 12.0), (10.0, 9.99)],
+    [
+        (0.0, 0.0),
+        (-1.0, 0.0),
+        (30.01, 0.0),
+        (float("nan"), 0.0),
+        (0.02, 0.0),
+        (10.0, -1.0),
+        (10.0, 10.0),
+        (10.0, 12.0),
+        (10.0, 9.99),
+    ],
 )
 def test_bad_window_requests(window_s, overlap_s):
     with pytest.raises(InvalidRequest):

@@ -100,12 +100,22 @@ MADE = {
     "wavpack.wv": av_file("wv", "wavpack", seconds=0.5),
     "flac-by-ffmpeg.flac": av_file("flac", "flac", seconds=0.5),
 }
-for fmt, subtype in [("WAV", "PCM_16"), ("WAV", "FLOAT"), ("FLAC", None), ("OGG", "VORBIS"), ("OGG", "OPUS"),
-                     ("MP3", None), ("AIFF", "PCM_24"), ("AU", "PCM_16"), ("CAF", "PCM_16")]:
+for fmt, subtype in [
+    ("WAV", "PCM_16"),
+    ("WAV", "FLOAT"),
+    ("FLAC", None),
+    ("OGG", "VORBIS"),
+    ("OGG", "OPUS"),
+    ("MP3", None),
+    ("AIFF", "PCM_24"),
+    ("AU", "PCM_16"),
+    ("CAF", "PCM_16"),
+]:
     rate = 48000 if subtype == "OPUS" else 44100
     buffer = io.BytesIO()
-    sf.write(buffer, np.repeat(np.sin(np.arange(rate) / 7.0)[:, None] * 0.4, 2, axis=1), rate, format=fmt,
-             subtype=subtype)
+    sf.write(
+        buffer, np.repeat(np.sin(np.arange(rate) / 7.0)[:, None] * 0.4, 2, axis=1), rate, format=fmt, subtype=subtype
+    )
     MADE[f"{subtype or 'default'}.{fmt.lower()}"] = buffer.getvalue()
 
 

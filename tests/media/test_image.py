@@ -156,8 +156,13 @@ def png(pixels: np.ndarray, color_type: int, trns: bytes | None = None) -> bytes
 
     rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
     header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + (chunk(b"tRNS", trns) if trns else b"")
-            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + (chunk(b"tRNS", trns) if trns else b"")
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_sixteen_bit_gray_with_trns_is_composited_on_white_and_scaled():
@@ -225,7 +230,9 @@ def test_truncated_image_is_a_decode_error():
         prepare_image(data[: len(data) // 3], item="photo.jpg")
 
 
-@pytest.mark.parametrize("data", [b"", b"\x00" * 100, np.random.default_rng(1).bytes(5000)], ids=["empty", "zeros", "random"])
+@pytest.mark.parametrize(
+    "data", [b"", b"\x00" * 100, np.random.default_rng(1).bytes(5000)], ids=["empty", "zeros", "random"]
+)
 def test_garbage_is_a_decode_error(data):
     with pytest.raises(DecodeError, match="junk.bin"):
         prepare_image(data, item="junk.bin")

@@ -44,8 +44,11 @@ def media(tmp_path) -> Path:
     return folder
 
 
-ERRORS = {"padding-over-length.mp3": "audio has no samples", "silent-video.mp4": "no audio stream",
-          "crash.wav": "RuntimeError: a decoder bug"}
+ERRORS = {
+    "padding-over-length.mp3": "audio has no samples",
+    "silent-video.mp4": "no audio stream",
+    "crash.wav": "RuntimeError: a decoder bug",
+}
 
 
 @pytest.fixture
@@ -81,8 +84,11 @@ def test_inspect_gives_every_file_its_record_and_exit_code_1(media, crashing_sni
 
 
 def test_batch_prepare_gives_every_file_one_unit_or_error_row(media, crashing_sniffer, tiny_dir, tmp_path):
-    job = JobSpec(input=InputSpec(url=str(media)), task=TaskSpec(task="transcribe", language="English"),
-                  output=OutputSpec(url=str(tmp_path / "out")))
+    job = JobSpec(
+        input=InputSpec(url=str(media)),
+        task=TaskSpec(task="transcribe", language="English"),
+        output=OutputSpec(url=str(tmp_path / "out")),
+    )
     names = sorted(p.name for p in media.iterdir())
     batch = {"id": names, "uri": [str(media / n) for n in names], "container": ["file"] * len(names)}
     rows = {key: [] for key in ("id", "item_id", "error", "error_stage", "window_total")}
@@ -125,10 +131,24 @@ def test_inspect_prints_a_record_while_the_next_file_is_still_unread(media, tiny
     fifo = media / "later.wav"
     os.mkfifo(fifo)
     first = media / "mutagen__tests__data__ep7.m4b"
-    command = [sys.executable, "-c", "from jobs.cli import app; app()", "inspect", str(first), str(fifo), "--json",
-               "--task", "transcribe"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                               cwd=Path(__file__).resolve().parent.parent)
+    command = [
+        sys.executable,
+        "-c",
+        "from jobs.cli import app; app()",
+        "inspect",
+        str(first),
+        str(fifo),
+        "--json",
+        "--task",
+        "transcribe",
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     try:
         got = {}
         reader = threading.Thread(target=lambda: got.update(line=process.stdout.readline()), daemon=True)

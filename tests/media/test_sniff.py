@@ -92,7 +92,7 @@ CONTENT = {
     "mpeg-ts without audio (FFmpeg probe)": (lambda: av_file("mpegts", None, video_codec="mpeg4"), AUDIO),
     "png quoting %PDF- in a text chunk": (lambda: image_bytes("PNG", pnginfo=_png_text("see %PDF-1.7")), IMAGE),
     "pdf after junk": (lambda: b"\xef\xbb\xbf  \n" + pdf_bytes(), DOCUMENT),
-    "markdown": (lambda: "# Notes\nRevenue grew 12 percent.\n".encode(), TEXT),
+    "markdown": (lambda: b"# Notes\nRevenue grew 12 percent.\n", TEXT),
     "utf-8 cut inside a character": (lambda: "é".encode() * 3000, TEXT),
 }
 
@@ -106,8 +106,9 @@ def test_content_decides_whatever_the_name(case):
         assert modality_of(data, lying_name) == expected
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in REAL_MEDIA.iterdir() if p.name not in ("expected.json",
-                                                                                              "README.md")))
+@pytest.mark.parametrize(
+    "name", sorted(p.name for p in REAL_MEDIA.iterdir() if p.name not in ("expected.json", "README.md"))
+)
 def test_real_audio_files_are_audio(name):
     data = (REAL_MEDIA / name).read_bytes()
     assert sniff(data) == AUDIO
@@ -158,13 +159,19 @@ OPTIONS = {
 
 
 def prepare(data: bytes, name: str, task: str, tokenizer):
-    return prepare_item(data, item_id=name, name=name, tokenizer=tokenizer, options=OPTIONS[task],
-                        limits=MediaSpec())
+    return prepare_item(data, item_id=name, name=name, tokenizer=tokenizer, options=OPTIONS[task], limits=MediaSpec())
 
 
-@pytest.mark.parametrize("name", ["mutagen__tests__data__8k-1ch-1s-silence.aif", "mutagen__tests__data__no_length.wv",
-                                  "mutagen__tests__data__silence-1.wma", "mutagen__tests__data__ep7.m4b",
-                                  "io__tests__test_video__small.mp4"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mutagen__tests__data__8k-1ch-1s-silence.aif",
+        "mutagen__tests__data__no_length.wv",
+        "mutagen__tests__data__silence-1.wma",
+        "mutagen__tests__data__ep7.m4b",
+        "io__tests__test_video__small.mp4",
+    ],
+)
 def test_audio_in_other_containers_is_transcribed_not_sent_to_the_image_decoder(name, tokenizer):
     item = prepare((REAL_MEDIA / name).read_bytes(), name, "transcribe", tokenizer)
     assert item.modality == AUDIO and item.requests[0].audio_tokens > 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from jsonschema import Draft202012Validator
@@ -23,7 +23,7 @@ def _nullable(node):
     return node
 
 
-@lru_cache(maxsize=None)
+@cache
 def _validator(name: str) -> Draft202012Validator:
     schemas = _nullable(json.loads(_FILE.read_text())["components"]["schemas"])
     return Draft202012Validator({"$ref": f"#/components/schemas/{name}", "components": {"schemas": schemas}})
@@ -33,8 +33,10 @@ def check(name: str, instance) -> None:
     """Raise with every violation listed when `instance` does not match OpenAI's schema `name`."""
     errors = sorted(_validator(name).iter_errors(instance), key=lambda e: list(e.path))
     if errors:
-        raise AssertionError(f"not a valid {name}: " + "; ".join(
-            f"{'/'.join(map(str, e.path)) or '(root)'}: {e.message}" for e in errors[:5]))
+        raise AssertionError(
+            f"not a valid {name}: "
+            + "; ".join(f"{'/'.join(map(str, e.path)) or '(root)'}: {e.message}" for e in errors[:5])
+        )
 
 
 def _route_schema(path: str, body) -> str | None:
@@ -69,11 +71,13 @@ def check_http(path: str, status: int, content_type: str, content: bytes) -> Non
 def response_hook(response) -> None:
     """An httpx response hook that validates every answer (it reads streams in full first)."""
     response.read()
-    check_http(response.request.url.path, response.status_code, response.headers.get("content-type", ""),
-               response.content)
+    check_http(
+        response.request.url.path, response.status_code, response.headers.get("content-type", ""), response.content
+    )
 
 
 async def async_response_hook(response) -> None:
     await response.aread()
-    check_http(response.request.url.path, response.status_code, response.headers.get("content-type", ""),
-               response.content)
+    check_http(
+        response.request.url.path, response.status_code, response.headers.get("content-type", ""), response.content
+    )

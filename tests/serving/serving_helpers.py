@@ -41,7 +41,7 @@ class MediaServer:
         requests: list[str] = []
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
+            def do_GET(self):
                 requests.append(self.path)
                 if self.path.startswith("/redirect"):
                     self.send_response(302)

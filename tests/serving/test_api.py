@@ -45,8 +45,13 @@ def client(spec, tokenizer):
 
 
 def chat(client, content, **extra):
-    body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 6,
-            "temperature": 0, **extra}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 6,
+        "temperature": 0,
+        **extra,
+    }
     return client.post("/v1/chat/completions", json=body)
 
 
@@ -73,10 +78,15 @@ def test_greedy_answers_are_reproducible_and_batched_requests_agree(client):
         import httpx
 
         transport = httpx.ASGITransport(app=client.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test",
-                                     event_hooks={"response": [async_response_hook]}) as http:
-            body = {"model": "tiny", "messages": [{"role": "user", "content": "Say something."}],
-                    "max_tokens": 6, "temperature": 0}
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test", event_hooks={"response": [async_response_hook]}
+        ) as http:
+            body = {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "Say something."}],
+                "max_tokens": 6,
+                "temperature": 0,
+            }
             return await asyncio.gather(*(http.post("/v1/chat/completions", json=body) for _ in range(4)))
 
     for response in client.portal.call(many):
@@ -84,10 +94,18 @@ def test_greedy_answers_are_reproducible_and_batched_requests_agree(client):
 
 
 def test_streaming_with_usage(client):
-    with client.stream("POST", "/v1/chat/completions", json={
-        "model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6, "temperature": 0,
-        "stream": True, "stream_options": {"include_usage": True},
-    }) as response:
+    with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "Hello"}],
+            "max_tokens": 6,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
@@ -111,10 +129,16 @@ def test_stop_strings_cut_the_answer(client):
     "body, status, code",
     [
         ({"model": "other", "messages": [{"role": "user", "content": "x"}]}, 404, "model_not_found"),
-        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 33}, 400,
-         "max_tokens_too_large"),
-        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400,
-         "unsupported"),
+        (
+            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 33},
+            400,
+            "max_tokens_too_large",
+        ),
+        (
+            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+            400,
+            "unsupported",
+        ),
         ({"model": "tiny", "messages": [{"role": "system", "content": "x"}]}, 400, None),
         ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "invalid_value"),
         ({"model": "tiny", "messages": []}, 400, "invalid_value"),
@@ -158,13 +182,14 @@ def test_chunked_body_over_the_limit_gets_413(client):
 
 def test_multipart_over_the_limit_gets_413_not_a_parse_error(client):
     def body():
-        yield b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\n"
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
         for _ in range(5):
             yield b"\0" * (1024 * 1024)
         yield b"\r\n--b--\r\n"
 
-    response = client.post("/v1/audio/transcriptions", content=body(),
-                           headers={"content-type": "multipart/form-data; boundary=b"})
+    response = client.post(
+        "/v1/audio/transcriptions", content=body(), headers={"content-type": "multipart/form-data; boundary=b"}
+    )
     assert response.status_code == 413
 
 
@@ -175,8 +200,9 @@ def test_transcription_formats(client, short_wav):
     assert as_json.json()["usage"]["seconds"] == pytest.approx(1.3, abs=0.01)
     as_text = client.post("/v1/audio/transcriptions", files=files, data={"model": "tiny", "response_format": "text"})
     assert as_text.headers["content-type"].startswith("text/plain")
-    verbose = client.post("/v1/audio/translations", files=files,
-                          data={"model": "tiny", "response_format": "verbose_json"}).json()
+    verbose = client.post(
+        "/v1/audio/translations", files=files, data={"model": "tiny", "response_format": "verbose_json"}
+    ).json()
     assert verbose["task"] == "translate" and verbose["language"] == "english" and len(verbose["segments"]) == 1
 
 
@@ -185,8 +211,9 @@ def test_speech_refusals(client, sample_png):
     assert empty.status_code == 400 and "empty" in empty.json()["error"]["message"]
     image = client.post("/v1/audio/transcriptions", files={"file": ("a.png", sample_png)}, data={"model": "tiny"})
     assert image.status_code == 400
-    bad_format = client.post("/v1/audio/transcriptions", files={"file": ("a.wav", b"RIFF")},
-                             data={"model": "tiny", "response_format": "srt"})
+    bad_format = client.post(
+        "/v1/audio/transcriptions", files={"file": ("a.wav", b"RIFF")}, data={"model": "tiny", "response_format": "srt"}
+    )
     assert bad_format.status_code == 400 and bad_format.json()["error"]["param"] == "response_format"
     no_file = client.post("/v1/audio/transcriptions", data={"model": "tiny"})
     assert no_file.status_code == 400 and no_file.json()["error"]["param"] == "file"
@@ -222,19 +249,38 @@ def test_answers_carry_the_fields_openai_requires(client):
 
 
 def test_every_stream_chunk_has_a_finish_reason_null_until_the_last(client):
-    with client.stream("POST", "/v1/chat/completions", json={
-        "model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6, "temperature": 0,
-        "stream": True,
-    }) as response:
-        chunks = [json.loads(line[6:]) for line in response.iter_lines()
-                  if line.startswith("data: ") and line != "data: [DONE]"]
+    with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "Hello"}],
+            "max_tokens": 6,
+            "temperature": 0,
+            "stream": True,
+        },
+    ) as response:
+        chunks = [
+            json.loads(line[6:])
+            for line in response.iter_lines()
+            if line.startswith("data: ") and line != "data: [DONE]"
+        ]
     reasons = [c["choices"][0]["finish_reason"] for c in chunks]
     assert all(r is None for r in reasons[:-1]) and reasons[-1] in ("stop", "length")
     assert all("usage" not in c for c in chunks)
 
 
-@pytest.mark.parametrize("extra", [{"stream": None}, {"n": None}, {"seed": -1}, {"seed": -(2**63)}, {"top_p": 0},
-                                   {"n": 1, "stream": False, "top_p": 0.0, "seed": 2**63 - 1}])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"stream": None},
+        {"n": None},
+        {"seed": -1},
+        {"seed": -(2**63)},
+        {"top_p": 0},
+        {"n": 1, "stream": False, "top_p": 0.0, "seed": 2**63 - 1},
+    ],
+)
 def test_openai_valid_requests_are_accepted(client, extra):
     response = chat(client, "Say something.", **extra)
     assert response.status_code == 200, response.text
@@ -265,8 +311,9 @@ def test_a_conversation_ending_with_the_assistant_is_continued(client, spec, tok
     messages = [{"role": "user", "content": "Say something."}, {"role": "assistant", "content": "The quick"}]
     prompt = tokenizer.decode(prepare(messages).prompt_token_ids.tolist())
     assert prompt.endswith("<|turn>model\nThe quick")  # the model's turn is left open, no new turn begins
-    response = client.post("/v1/chat/completions", json={"model": "tiny", "messages": messages, "max_tokens": 4,
-                                                          "temperature": 0})
+    response = client.post(
+        "/v1/chat/completions", json={"model": "tiny", "messages": messages, "max_tokens": 4, "temperature": 0}
+    )
     assert response.status_code == 200, response.text
     empty = prepare([messages[0], {"role": "assistant", "content": None}]).prompt_token_ids.tolist()
     assert tokenizer.decode(empty).endswith("<|turn>model\n")
@@ -282,8 +329,10 @@ def test_default_max_tokens_is_what_the_context_leaves(client, spec, tokenizer):
     assert 0 < room < spec.limits.max_output_tokens and request.sampling.max_new_tokens == room
     # A request that sets nothing gets the endpoint's cap when the context leaves more.
     assert prepare([{"role": "user", "content": "Hi"}]).sampling.max_new_tokens == spec.limits.max_output_tokens
-    response = client.post("/v1/chat/completions", json={
-        "model": "tiny", "messages": [{"role": "user", "content": "word " * words}], "temperature": 0})
+    response = client.post(
+        "/v1/chat/completions",
+        json={"model": "tiny", "messages": [{"role": "user", "content": "word " * words}], "temperature": 0},
+    )
     assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] <= room
 
 
@@ -300,18 +349,24 @@ def test_openapi_describes_the_chat_body_and_no_422(client):
     document = client.get("/openapi.json").json()
     body = document["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/ChatCompletionRequest"}
-    assert {"model", "messages", "frequency_penalty"} <= set(document["components"]["schemas"]["ChatCompletionRequest"]
-                                                           ["properties"])
-    responses = [r for operations in document["paths"].values() for op in operations.values()
-                 for r in op["responses"]]
+    assert {"model", "messages", "frequency_penalty"} <= set(
+        document["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    )
+    responses = [r for operations in document["paths"].values() for op in operations.values() for r in op["responses"]]
     assert "422" not in responses and "HTTPValidationError" not in document["components"]["schemas"]
 
 
-@pytest.mark.parametrize("message, param", [
-    ({"role": "user", "content": [{"type": "video", "video": "x"}]}, "messages.0.content.0"),
-    ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": 5}}]}, "messages.0.content.0.image_url.url"),
-    ({"role": "system", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}, "messages.0.content"),
-])
+@pytest.mark.parametrize(
+    "message, param",
+    [
+        ({"role": "user", "content": [{"type": "video", "video": "x"}]}, "messages.0.content.0"),
+        (
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": 5}}]},
+            "messages.0.content.0.image_url.url",
+        ),
+        ({"role": "system", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}, "messages.0.content"),
+    ],
+)
 def test_400s_name_the_field_without_pydantic_internals(client, message, param):
     response = client.post("/v1/chat/completions", json={"model": "tiny", "messages": [message]})
     assert response.status_code == 400, response.text
@@ -351,7 +406,8 @@ def test_client_cancellations_count_as_499():
     text = metrics.render().decode()
     assert 'status="499"' in text and 'status="500"' not in text
     assert [line for line in text.splitlines() if 'status="499"' in line and "requests_total" in line][0].endswith(
-        " 2.0")
+        " 2.0"
+    )
 
 
 # ---- sampling options that change the answer ----
@@ -390,32 +446,46 @@ def test_frequency_penalty_changes_a_repetitive_greedy_answer(client, tokenizer)
     assert penalised["choices"][0]["message"]["content"] != plain
 
 
-@pytest.mark.parametrize("extra, param", [
-    ({"top_logprobs": 2}, "top_logprobs"),
-    ({"functions": [{"name": "f"}]}, "functions"),
-    ({"function_call": "auto"}, "function_call"),
-    ({"modalities": ["text", "audio"]}, "modalities"),
-    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
-    ({"ignore_eos": True}, "ignore_eos"),
-    ({"store": True}, "store"),
-    ({"reasoning_effort": "high"}, "reasoning_effort"),
-    ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
-    ({"logit_bias": {"99999999": 1}}, "logit_bias"),
-    ({"logit_bias": {"cat": 1}}, "logit_bias"),
-    ({"logit_bias": {"5": 101}}, "logit_bias"),
-    ({"frequency_penalty": 2.5}, "frequency_penalty"),
-    ({"stream": True, "presence_penalty": 1.0}, "presence_penalty"),
-])
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"function_call": "auto"}, "function_call"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"ignore_eos": True}, "ignore_eos"),
+        ({"store": True}, "store"),
+        ({"reasoning_effort": "high"}, "reasoning_effort"),
+        ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
+        ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+        ({"logit_bias": {"cat": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"frequency_penalty": 2.5}, "frequency_penalty"),
+        ({"stream": True, "presence_penalty": 1.0}, "presence_penalty"),
+    ],
+)
 def test_options_it_cannot_honour_are_refused_by_name(client, extra, param):
     response = chat(client, "Hi", **extra)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
 
 
-@pytest.mark.parametrize("extra", [{"modalities": ["text"]}, {"function_call": "none"}, {"tools": []},
-                                   {"metadata": {"a": "b"}}, {"parallel_tool_calls": True}, {"service_tier": "auto"},
-                                   {"reasoning_effort": "none"}, {"store": False}, {"ignore_eos": False},
-                                   {"frequency_penalty": 0.5, "presence_penalty": -0.5, "logit_bias": {"5": -3}}])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"modalities": ["text"]},
+        {"function_call": "none"},
+        {"tools": []},
+        {"metadata": {"a": "b"}},
+        {"parallel_tool_calls": True},
+        {"service_tier": "auto"},
+        {"reasoning_effort": "none"},
+        {"store": False},
+        {"ignore_eos": False},
+        {"frequency_penalty": 0.5, "presence_penalty": -0.5, "logit_bias": {"5": -3}},
+    ],
+)
 def test_neutral_values_are_accepted(client, extra):
     response = chat(client, "Hi", **extra)
     assert response.status_code == 200, response.text
@@ -423,12 +493,22 @@ def test_neutral_values_are_accepted(client, extra):
 
 def test_transcription_options_it_cannot_honour_are_refused(client, short_wav):
     files = {"file": ("a.wav", short_wav, "audio/wav")}
-    for data, param in (({"stream": "true"}, "stream"), ({"timestamp_granularities[]": "word"},
-                                                         "timestamp_granularities")):
+    for data, param in (
+        ({"stream": "true"}, "stream"),
+        ({"timestamp_granularities[]": "word"}, "timestamp_granularities"),
+    ):
         response = client.post("/v1/audio/transcriptions", files=files, data={"model": "tiny", **data})
         assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
-    fine = client.post("/v1/audio/transcriptions", files=files, data={
-        "model": "tiny", "stream": "false", "timestamp_granularities[]": "segment", "response_format": "verbose_json"})
+    fine = client.post(
+        "/v1/audio/transcriptions",
+        files=files,
+        data={
+            "model": "tiny",
+            "stream": "false",
+            "timestamp_granularities[]": "segment",
+            "response_format": "verbose_json",
+        },
+    )
     assert fine.status_code == 200, fine.text
 
 

@@ -26,14 +26,26 @@ MAIN = {
     "engine": {"speculative": False, "max_batch_size": 8},
     "media": {"max_pixels": 1_000_000, "max_audio_s": 120},
     "batching": {"max_batch_size": 8},
-    "limits": {"max_output_tokens": 32, "max_body_bytes": 4 * 1024 * 1024, "max_queued_requests": 32,
-               "retry_after_s": 1},
+    "limits": {
+        "max_output_tokens": 32,
+        "max_body_bytes": 4 * 1024 * 1024,
+        "max_queued_requests": 32,
+        "retry_after_s": 1,
+    },
     "resources": {"ingress": {"num_cpus": 0.25}, "model": {"num_cpus": 0.25, "torch_threads": 1}},
     "autoscaling": {
         "ingress": {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 256},
-        "model": {"min_replicas": 1, "max_replicas": 3, "initial_replicas": 1, "target_ongoing_requests": 4,
-                  "max_ongoing_requests": 16, "upscale_delay_s": 1, "downscale_delay_s": 4,
-                  "look_back_period_s": 2, "metrics_interval_s": 0.5},
+        "model": {
+            "min_replicas": 1,
+            "max_replicas": 3,
+            "initial_replicas": 1,
+            "target_ongoing_requests": 4,
+            "max_ongoing_requests": 16,
+            "upscale_delay_s": 1,
+            "downscale_delay_s": 4,
+            "look_back_period_s": 2,
+            "metrics_interval_s": 0.5,
+        },
     },
     "remote_media": {"http_allow_list": ["169.254.169.254", "127.0.0.1", "::1", "localhost"]},
 }
@@ -58,19 +70,24 @@ class Endpoint:
     def __init__(self, port: int) -> None:
         self.base = f"http://127.0.0.1:{port}"
         # Every answer, stream chunks included, is checked against OpenAI's published schema.
-        self.http = httpx.Client(base_url=self.base, timeout=120, trust_env=False,
-                                 event_hooks={"response": [response_hook]})
+        self.http = httpx.Client(
+            base_url=self.base, timeout=120, trust_env=False, event_hooks={"response": [response_hook]}
+        )
 
     def openai(self, prefix: str = "", api_key: str = "unused"):
         from openai import OpenAI
 
         http = httpx.Client(timeout=120, trust_env=False, event_hooks={"response": [response_hook]})
-        return OpenAI(base_url=f"{self.base}{prefix}/v1", api_key=api_key, max_retries=0, timeout=120,
-                      http_client=http)
+        return OpenAI(base_url=f"{self.base}{prefix}/v1", api_key=api_key, max_retries=0, timeout=120, http_client=http)
 
     def chat(self, content, headers=None, prefix="", **extra) -> httpx.Response:
-        body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 4,
-                "temperature": 0, **extra}
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": 4,
+            "temperature": 0,
+            **extra,
+        }
         return self.http.post(f"{prefix}/v1/chat/completions", json=body, headers=headers)
 
 
@@ -114,8 +131,12 @@ def test_health_readiness_and_models(endpoint):
 
 def test_chat_text(endpoint):
     answer = endpoint.openai().chat.completions.create(
-        model="tiny", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
-        max_tokens=6, temperature=0, seed=1, top_p=0.9,
+        model="tiny",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+        max_tokens=6,
+        temperature=0,
+        seed=1,
+        top_p=0.9,
     )
     assert answer.object == "chat.completion" and answer.choices[0].message.role == "assistant"
     assert answer.choices[0].finish_reason in ("stop", "length")
@@ -125,20 +146,58 @@ def test_chat_text(endpoint):
 
 def test_chat_image_and_audio_parts(endpoint, sample_png, short_wav):
     client = endpoint.openai()
-    text_only = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Describe."}],
-                                               max_tokens=4, temperature=0)
-    image = client.chat.completions.create(model="tiny", max_tokens=4, temperature=0, messages=[{
-        "role": "user", "content": [{"type": "text", "text": "Describe."},
-                                    {"type": "image_url", "image_url": {"url": data_url(sample_png)}}]}])
-    audio = client.chat.completions.create(model="tiny", max_tokens=4, temperature=0, messages=[{
-        "role": "user", "content": [{"type": "text", "text": "Describe."},
-                                    {"type": "input_audio",
-                                     "input_audio": {"data": base64.b64encode(short_wav).decode(), "format": "wav"}}]}])
-    both = client.chat.completions.create(model="tiny", max_tokens=4, temperature=0, messages=[{
-        "role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(sample_png)}},
-                                    {"type": "text", "text": "and"},
-                                    {"type": "input_audio",
-                                     "input_audio": {"data": base64.b64encode(short_wav).decode(), "format": "wav"}}]}])
+    text_only = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Describe."}], max_tokens=4, temperature=0
+    )
+    image = client.chat.completions.create(
+        model="tiny",
+        max_tokens=4,
+        temperature=0,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Describe."},
+                    {"type": "image_url", "image_url": {"url": data_url(sample_png)}},
+                ],
+            }
+        ],
+    )
+    audio = client.chat.completions.create(
+        model="tiny",
+        max_tokens=4,
+        temperature=0,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Describe."},
+                    {
+                        "type": "input_audio",
+                        "input_audio": {"data": base64.b64encode(short_wav).decode(), "format": "wav"},
+                    },
+                ],
+            }
+        ],
+    )
+    both = client.chat.completions.create(
+        model="tiny",
+        max_tokens=4,
+        temperature=0,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_url(sample_png)}},
+                    {"type": "text", "text": "and"},
+                    {
+                        "type": "input_audio",
+                        "input_audio": {"data": base64.b64encode(short_wav).decode(), "format": "wav"},
+                    },
+                ],
+            }
+        ],
+    )
     base = text_only.usage.prompt_tokens
     image_tokens = image.usage.prompt_tokens - base
     audio_tokens = audio.usage.prompt_tokens - base
@@ -149,7 +208,11 @@ def test_chat_image_and_audio_parts(endpoint, sample_png, short_wav):
 
 def test_streaming(endpoint):
     stream = endpoint.openai().chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "Count."}], max_tokens=8, temperature=0, stream=True,
+        model="tiny",
+        messages=[{"role": "user", "content": "Count."}],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -178,8 +241,11 @@ def test_translation_of_35_s_has_two_segments(endpoint, long_wav):
 
 
 def test_transcription_text_format(endpoint, short_wav):
-    response = endpoint.http.post("/v1/audio/transcriptions", files={"file": ("a.wav", short_wav, "audio/wav")},
-                                  data={"model": "tiny", "response_format": "text"})
+    response = endpoint.http.post(
+        "/v1/audio/transcriptions",
+        files={"file": ("a.wav", short_wav, "audio/wav")},
+        data={"model": "tiny", "response_format": "text"},
+    )
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
 
 
@@ -194,8 +260,9 @@ def _error(response: httpx.Response, status: int) -> dict:
 
 
 def test_malformed_json(endpoint):
-    response = endpoint.http.post("/v1/chat/completions", content=b'{"model": "tiny", "messages": [',
-                                  headers={"content-type": "application/json"})
+    response = endpoint.http.post(
+        "/v1/chat/completions", content=b'{"model": "tiny", "messages": [', headers={"content-type": "application/json"}
+    )
     assert _error(response, 400)["code"] == "invalid_json"
 
 
@@ -232,8 +299,9 @@ def test_image_over_the_pixel_limit(endpoint):
 def test_empty_audio(endpoint):
     part = {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}
     assert _error(endpoint.chat([part]), 400)["code"] == "invalid_media"
-    response = endpoint.http.post("/v1/audio/transcriptions", files={"file": ("a.wav", b"", "audio/wav")},
-                                  data={"model": "tiny"})
+    response = endpoint.http.post(
+        "/v1/audio/transcriptions", files={"file": ("a.wav", b"", "audio/wav")}, data={"model": "tiny"}
+    )
     assert _error(response, 400)["param"] == "file"
 
 
@@ -308,13 +376,21 @@ def _wait_for_replicas(predicate, timeout_s: float) -> int:
 
 def test_overload_answers_503_with_retry_after(endpoint):
     assert _wait_for_replicas(lambda n: n == 1, 60) == 1
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell a story."}], "max_tokens": 32,
-            "temperature": 0}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Tell a story."}],
+        "max_tokens": 32,
+        "temperature": 0,
+    }
 
     async def burst():
-        async with httpx.AsyncClient(base_url=endpoint.base, timeout=180, trust_env=False,
-                                     limits=httpx.Limits(max_connections=100),
-                                     event_hooks={"response": [async_response_hook]}) as http:
+        async with httpx.AsyncClient(
+            base_url=endpoint.base,
+            timeout=180,
+            trust_env=False,
+            limits=httpx.Limits(max_connections=100),
+            event_hooks={"response": [async_response_hook]},
+        ) as http:
             return await asyncio.gather(*(http.post("/v1/chat/completions", json=body) for _ in range(80)))
 
     responses = asyncio.run(burst())
@@ -340,11 +416,22 @@ def test_load_scales_the_model_up_and_back_down(endpoint):
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 8,
-            "temperature": 0}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Say something."}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
     try:
-        report = asyncio.run(run_load(f"{endpoint.base}/v1/chat/completions", body, concurrency=LOAD_CLIENTS,
-                                      duration_s=LOAD_S, requests=20_000))
+        report = asyncio.run(
+            run_load(
+                f"{endpoint.base}/v1/chat/completions",
+                body,
+                concurrency=LOAD_CLIENTS,
+                duration_s=LOAD_S,
+                requests=20_000,
+            )
+        )
     finally:
         stop.set()
         watcher.join()

@@ -30,11 +30,15 @@ def test_every_field_has_a_description():
 
 def test_yaml_with_overrides(tmp_path):
     path = tmp_path / "serve.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": {"name": "gemma-4-12b-it"},
-        "autoscaling": {"model": {"min_replicas": 1, "max_replicas": 6, "target_ongoing_requests": 4}},
-        "http": {"port": 9000},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": "gemma-4-12b-it"},
+                "autoscaling": {"model": {"min_replicas": 1, "max_replicas": 6, "target_ongoing_requests": 4}},
+                "http": {"port": 9000},
+            }
+        )
+    )
     spec = load_spec(path, {"model": {"name": "tiny"}, "http": {"port": None}})
     assert spec.model.name == "tiny"
     assert spec.http.port == 9000

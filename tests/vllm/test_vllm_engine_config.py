@@ -29,14 +29,16 @@ def tiny(tiny_dir):
     return resolve(ModelSpec(name="tiny", assistant="tiny"))
 
 
-@pytest.mark.parametrize(("quantization", "speculative", "dtype"),
-                         list(itertools.product(QUANTIZATIONS, (False, True), DTYPES)))
+@pytest.mark.parametrize(
+    ("quantization", "speculative", "dtype"), list(itertools.product(QUANTIZATIONS, (False, True), DTYPES))
+)
 def test_every_allowed_combination_builds_a_vllm_engine_config(tiny, quantization, speculative, dtype):
     from vllm.engine.arg_utils import EngineArgs
 
     try:
-        spec = EngineSpec(kind="vllm", quantization=quantization, speculative=speculative, dtype=dtype,
-                          max_model_len=1024)
+        spec = EngineSpec(
+            kind="vllm", quantization=quantization, speculative=speculative, dtype=dtype, max_model_len=1024
+        )
     except ValidationError as exc:  # the combinations vLLM would refuse at start-up are refused here, by name
         if quantization.startswith("bnb-"):
             assert "transformers engine only" in str(exc) and "fp8" in str(exc)

@@ -12,11 +12,11 @@ from PIL import Image
 
 pytest.importorskip("vllm.multimodal", reason="vLLM is not installed: `make test-vllm`")
 
-from pipelines.config import MediaSpec  # noqa: E402
-from pipelines.engines.vllm_inputs import is_fixed_point, to_vllm_prompt  # noqa: E402
-from pipelines.media.image import SUPPORTED_SOFT_TOKENS, target_size  # noqa: E402
-from pipelines.prepare import prepare_item  # noqa: E402
-from pipelines.prompts import Task, TaskOptions  # noqa: E402
+from pipelines.config import MediaSpec
+from pipelines.engines.vllm_inputs import is_fixed_point, to_vllm_prompt
+from pipelines.media.image import SUPPORTED_SOFT_TOKENS, target_size
+from pipelines.prepare import prepare_item
+from pipelines.prompts import Task, TaskOptions
 
 OPTIONS = TaskOptions(task=Task.prompt, prompt="Describe.", question="What?")
 
@@ -26,8 +26,13 @@ def vllm_processor(tiny_dir):
     from vllm.config import ModelConfig
     from vllm.multimodal import MULTIMODAL_REGISTRY
 
-    config = ModelConfig(model=str(tiny_dir), tokenizer=str(tiny_dir), dtype="float32", max_model_len=8192,
-                         limit_mm_per_prompt={"image": 8, "audio": 1, "video": 0})
+    config = ModelConfig(
+        model=str(tiny_dir),
+        tokenizer=str(tiny_dir),
+        dtype="float32",
+        max_model_len=8192,
+        limit_mm_per_prompt={"image": 8, "audio": 1, "video": 0},
+    )
     return MULTIMODAL_REGISTRY.create_processor(config)
 
 
@@ -36,9 +41,14 @@ def _expand(processor, prompt: dict):
     from vllm.multimodal.processing.inputs import ProcessorInputs
 
     items = processor.info.parse_mm_data(prompt.get("multi_modal_data", {}))
-    out = processor.apply(ProcessorInputs(prompt=prompt["prompt_token_ids"], mm_data_items=items,
-                                          hf_processor_mm_kwargs=prompt.get("mm_processor_kwargs", {})),
-                          TimingContext())
+    out = processor.apply(
+        ProcessorInputs(
+            prompt=prompt["prompt_token_ids"],
+            mm_data_items=items,
+            hf_processor_mm_kwargs=prompt.get("mm_processor_kwargs", {}),
+        ),
+        TimingContext(),
+    )
     placeholders = {k: [(r.offset, r.length) for r in v] for k, v in out["mm_placeholders"].items()}
     return list(out["prompt_token_ids"]), placeholders
 
@@ -89,8 +99,14 @@ def test_the_sizes_include_grids_that_are_not_fixed_points():
 @pytest.mark.parametrize("budget", SUPPORTED_SOFT_TOKENS)
 def test_images_at_every_budget(vllm_processor, tokenizer, budget):
     for index, (height, width) in enumerate(SIZES):
-        (request,) = prepare_item(_png(height, width, index), item_id=f"i{index}", name="x.png", tokenizer=tokenizer,
-                                  options=OPTIONS, limits=MediaSpec(max_soft_tokens=budget)).requests
+        (request,) = prepare_item(
+            _png(height, width, index),
+            item_id=f"i{index}",
+            name="x.png",
+            tokenizer=tokenizer,
+            options=OPTIONS,
+            limits=MediaSpec(max_soft_tokens=budget),
+        ).requests
         _check(vllm_processor, tokenizer, request, budget)
 
 
@@ -102,9 +118,14 @@ def test_several_images_and_pdf_pages(vllm_processor, tokenizer):
         document.new_page(*size)
     buffer = io.BytesIO()
     document.save(buffer)
-    (request,) = prepare_item(buffer.getvalue(), item_id="doc", name="x.pdf", tokenizer=tokenizer,
-                              options=TaskOptions(task=Task.answer, question="What?"),
-                              limits=MediaSpec(max_pages=3)).requests
+    (request,) = prepare_item(
+        buffer.getvalue(),
+        item_id="doc",
+        name="x.pdf",
+        tokenizer=tokenizer,
+        options=TaskOptions(task=Task.answer, question="What?"),
+        limits=MediaSpec(max_pages=3),
+    ).requests
     assert len(request.image_patches) == 3
     placeholders = _check(vllm_processor, tokenizer, request, 280)
     assert len(placeholders["image"]) == 3
@@ -118,7 +139,8 @@ def test_audio_of_whole_and_partial_frames(vllm_processor, tokenizer, extra):
     buffer = io.BytesIO()
     rng = np.random.default_rng(extra)
     sf.write(buffer, (rng.standard_normal(samples) * 0.1).astype(np.float32), 16000, format="WAV")
-    (request,) = prepare_item(buffer.getvalue(), item_id="a", name="x.wav", tokenizer=tokenizer,
-                              options=TaskOptions(task=Task.transcribe)).requests
+    (request,) = prepare_item(
+        buffer.getvalue(), item_id="a", name="x.wav", tokenizer=tokenizer, options=TaskOptions(task=Task.transcribe)
+    ).requests
     placeholders = _check(vllm_processor, tokenizer, request)
     assert placeholders["audio"][0][1] == 25 + (extra > 0) + 2  # ceil(n / 640) soft tokens plus the two markers
