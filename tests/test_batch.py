@@ -298,7 +298,7 @@ def test_a_killed_model_actor_is_replaced_without_loss_or_duplicates(ray_cluster
 
 def test_a_killed_driver_is_resumed_by_a_rerun(ray_cluster, tmp_path):
     source, out = tmp_path / "in", tmp_path / "out"
-    make_images(source, 30)
+    make_images(source, 60)  # enough work that the first results land well before the last
     address = ray_cluster.get_runtime_context().gcs_address
     command = [
         sys.executable,
@@ -312,7 +312,7 @@ def test_a_killed_driver_is_resumed_by_a_rerun(ray_cluster, tmp_path):
         "--output",
         str(out),
         "--max-new-tokens",
-        "24",
+        "48",
         "--batch-size",
         "2",
         "--address",
@@ -332,15 +332,15 @@ def test_a_killed_driver_is_resumed_by_a_rerun(ray_cluster, tmp_path):
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     done_before = read(out, "results")
-    assert 0 < len(done_before) < 30, "the driver should die mid-job"
+    assert 0 < len(done_before) < 60, "the driver should die mid-job"
 
     summary = run(
-        job(source, out, TaskSpec(task="caption", max_new_tokens=24), resources={"batch_size": 2}), progress=False
+        job(source, out, TaskSpec(task="caption", max_new_tokens=48), resources={"batch_size": 2}), progress=False
     )
     results = read(out, "results")
     assert_no_duplicates(results, [])
-    assert len(results) == 30
-    assert summary.run_succeeded == 30 - len(done_before)
+    assert len(results) == 60
+    assert summary.run_succeeded == 60 - len(done_before)
 
 
 def test_tokenization_is_not_fused_into_the_model_actors(ray_cluster, tmp_path, capsys):

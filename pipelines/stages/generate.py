@@ -68,7 +68,7 @@ class Generate(Stage):
     def __init__(self, job: JobSpec | None = None) -> None:
         from pipelines.replica import Replica
 
-        self.job = job or type(self).job
+        job = self.job = job or type(self).job
         self.task = Task(job.task.task)
         threads = max(1, int(job.resources.cpus_per_replica))
         import torch
