@@ -229,6 +229,8 @@ def _run(job: JobSpec, out: OutputDir, previous: dict, header: dict, progress: b
     unsupported: list[str] = []
     dataset = _read_input(job, out, run_id, unsupported)
     done_ref = ray.put(done) if len(done) else None
+    if len(done):
+        logger.info("resuming %s: %d units already in the output are skipped", out.url, len(done))
     timings = {"setup_s": time.perf_counter() - started}
     summary = JobSummary(output=out.url, fingerprint=header["fingerprint"], skipped=len(done))
     out.clear_replica_failures()
