@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
-from pipelines.engines.base import GenerationResult, PreparedRequest, check_fits
+from pipelines.engines.base import GenerationResult, PreparedRequest, StreamEnd, check_fits
 from pipelines.errors import FatalEngineError, ItemError, explain
 from pipelines.replica import Replica, open_engine
 from serving.spec import ServeSpec
@@ -94,15 +95,22 @@ class ModelServer:
         if self.load_error:
             yield {"error": {"status": 503, "message": self.load_error, "code": "model_not_loaded"}}
             return
+        end: StreamEnd | None = None
         try:
             check_fits(request, self.spec.engine.max_model_len)
-            async for delta in self.engine.stream(request):
-                emitted = scanner.push(delta)
-                if emitted:
-                    text.append(emitted)
-                    yield {"delta": emitted}
-                if scanner.stopped:
-                    break
+            # Closing the engine's stream (here on a stop string, or when the client leaves and this generator is
+            # closed) stops its generation, so the next request does not wait for tokens nobody reads.
+            async with aclosing(self.engine.stream(request)) as deltas:
+                async for delta in deltas:
+                    if isinstance(delta, StreamEnd):
+                        end = delta
+                        break
+                    emitted = scanner.push(delta)
+                    if emitted:
+                        text.append(emitted)
+                        yield {"delta": emitted}
+                    if scanner.stopped:
+                        break
             tail = scanner.flush()
             if tail:
                 text.append(tail)
@@ -111,9 +119,13 @@ class ModelServer:
             error = model_error(exc)
             yield {"error": {"status": error.status, "message": error.message, "code": error.code}}
             return
+        if end is not None:  # the engine's own count: exact, and never above max_tokens
+            finish = "stop" if scanner.stopped else end.finish_reason
+            yield {"finish_reason": finish, "output_tokens": end.output_tokens}
+            return
         output_tokens = self._count_tokens("".join(text))
         finish = "stop" if scanner.stopped or output_tokens < request.sampling.max_new_tokens else "length"
-        yield {"finish_reason": finish, "output_tokens": output_tokens}
+        yield {"finish_reason": finish, "output_tokens": min(output_tokens, request.sampling.max_new_tokens)}
 
     def _count_tokens(self, text: str) -> int:
         # The engine's stream gives text only; re-encoding it is exact for plain text and close otherwise.

@@ -76,6 +76,14 @@ class GenerationResult:
     spec_accepted: int | None = None  # ... and accepted by the target
 
 
+@dataclass(frozen=True)
+class StreamEnd:
+    """The last item of an engine's stream: the engine's own count of generated tokens and why it stopped."""
+
+    finish_reason: str  # "stop" (end of turn / stop string) or "length"
+    output_tokens: int
+
+
 def check_fits(request: PreparedRequest, max_model_len: int) -> None:
     """Refuse a request whose prompt plus output cannot fit the model's context, naming the request."""
     from pipelines.errors import InvalidRequest
@@ -92,7 +100,8 @@ def check_fits(request: PreparedRequest, max_model_len: int) -> None:
 class Engine(Protocol):
     def generate(self, requests: list[PreparedRequest]) -> list[GenerationResult]: ...
 
-    def stream(self, request: PreparedRequest) -> AsyncIterator[str]: ...
+    def stream(self, request: PreparedRequest) -> AsyncIterator[str | StreamEnd]:
+        """Text deltas, then one StreamEnd. Closing the iterator early stops the generation."""
 
     def health(self) -> bool: ...
 

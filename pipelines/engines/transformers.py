@@ -20,7 +20,7 @@ from itertools import groupby
 import numpy as np
 
 from pipelines.config import EngineSpec
-from pipelines.engines.base import GenerationResult, PreparedRequest, SamplingParams, check_fits
+from pipelines.engines.base import GenerationResult, PreparedRequest, SamplingParams, StreamEnd, check_fits
 from pipelines.errors import ModelSourceError
 from pipelines.model_sources import ResolvedModel
 from pipelines.prompts import strip_thinking
@@ -129,11 +129,8 @@ class TransformersEngine:
             return False
         return self.spec.speculative == "on" or waiting == 1
 
-    def _generate_batch(self, batch: list[PreparedRequest], speculative: bool) -> list[GenerationResult]:
-        import torch
-
-        sampling = batch[0].sampling
-        inputs = self._collate(batch)
+    def _generation_kwargs(self, sampling: SamplingParams, inputs: dict) -> dict:
+        """`generate` arguments for one sampling setting, the same for batches and streams (stop strings apart)."""
         kwargs = dict(
             max_new_tokens=sampling.max_new_tokens,
             do_sample=not sampling.greedy,
@@ -142,24 +139,27 @@ class TransformersEngine:
         )
         if not sampling.greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
-        if sampling.stop:
-            kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
         if sampling.penalized:
             from transformers import LogitsProcessorList
 
             from pipelines.engines.penalties import CountPenalties
 
-            kwargs.update(
-                logits_processor=LogitsProcessorList(
-                    [
-                        CountPenalties(
-                            inputs["input_ids"].shape[1], sampling.frequency_penalty, sampling.presence_penalty
-                        )
-                    ]
-                )
+            penalties = CountPenalties(
+                inputs["input_ids"].shape[1], sampling.frequency_penalty, sampling.presence_penalty
             )
+            kwargs.update(logits_processor=LogitsProcessorList([penalties]))
         if sampling.logit_bias:
             kwargs.update(sequence_bias={(token,): bias for token, bias in sampling.logit_bias})
+        return kwargs
+
+    def _generate_batch(self, batch: list[PreparedRequest], speculative: bool) -> list[GenerationResult]:
+        import torch
+
+        sampling = batch[0].sampling
+        inputs = self._collate(batch)
+        kwargs = self._generation_kwargs(sampling, inputs)
+        if sampling.stop:
+            kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         counter = _SpecCounter()
@@ -256,39 +256,64 @@ class TransformersEngine:
 
     # ---- streaming ----
 
-    async def stream(self, request: PreparedRequest) -> AsyncIterator[str]:
-        """Text deltas as they are generated (plain decoding; thinking blocks are not streamed)."""
-        from transformers import TextIteratorStreamer
+    async def stream(self, request: PreparedRequest) -> AsyncIterator[str | StreamEnd]:
+        """Text deltas as tokens are generated (thinking blocks hidden, stop strings honoured), then a StreamEnd with
+        the engine's own token count. Closing the stream early (a stop string, a client that left) stops the
+        generation within one decoding step, which frees the engine for the next request."""
+        import queue
 
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        inputs = self._collate([request])
+        import torch
+        from transformers import StoppingCriteriaList
+
+        from pipelines.engines.vllm_inputs import TextStream
+
+        check_fits(request, self.spec.max_model_len)
         sampling = request.sampling
-        kwargs = dict(
-            max_new_tokens=sampling.max_new_tokens,
-            do_sample=not sampling.greedy,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=sorted(self.stop_ids),
-            streamer=streamer,
-        )
-        if not sampling.greedy:
-            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
+        inputs = self._collate([request])
+        tokens: queue.SimpleQueue = queue.SimpleQueue()
+        cancelled = threading.Event()
+        kwargs = self._generation_kwargs(sampling, inputs)
+        kwargs.update(streamer=_TokenSink(tokens), stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]))
 
         def run() -> None:
-            import torch
+            try:
+                with self._lock, torch.inference_mode():
+                    if sampling.seed is not None:
+                        torch.manual_seed(sampling.seed)
+                    self.model.generate(**inputs, **kwargs)
+            except BaseException as exc:  # handed to the consumer, which raises it
+                tokens.put(exc)
+            finally:
+                tokens.put(None)
 
-            with self._lock, torch.inference_mode():
-                self.model.generate(**inputs, **kwargs)
-
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        sentinel = object()
-        while True:
-            chunk = await asyncio.to_thread(next, streamer, sentinel)
-            if chunk is sentinel:
-                break
-            if chunk:
-                yield chunk
-        await asyncio.to_thread(worker.join)
+        threading.Thread(target=run, daemon=True, name=f"stream-{request.id}").start()
+        decoder = TextStream(self.tokenizer, sampling.stop)
+        produced, finish = 0, "length"
+        try:
+            while True:
+                new_ids = await asyncio.to_thread(tokens.get)
+                if new_ids is None:
+                    break
+                if isinstance(new_ids, BaseException):
+                    raise new_ids
+                visible = []
+                for token in new_ids:
+                    produced += 1
+                    if token in self.stop_ids:
+                        finish = "stop"
+                        break
+                    visible.append(token)
+                delta = decoder.push(visible)
+                if delta:
+                    yield delta
+                if finish == "stop" or decoder.stopped or produced >= sampling.max_new_tokens:
+                    break
+            tail = decoder.push([], final=True)
+            if tail:
+                yield tail
+            yield StreamEnd("stop" if decoder.stopped else finish, produced)
+        finally:
+            cancelled.set()  # the generation stops at its next step, whoever ended the stream
 
     def health(self) -> bool:
         return self.model is not None
@@ -310,6 +335,35 @@ def _sampling_key(sampling: SamplingParams) -> tuple:
         sampling.presence_penalty,
         sampling.logit_bias,
     )
+
+
+class _TokenSink:
+    """A transformers streamer that hands each step's new token ids to a queue (the prompt, sent first, is skipped)."""
+
+    def __init__(self, sink) -> None:
+        self.sink = sink
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.sink.put([int(t) for t in value.reshape(-1).tolist()])
+
+    def end(self) -> None:
+        pass
+
+
+class _Cancelled:
+    """A stopping criterion fed by the stream's cancel state: True for every row once the stream has ended."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 @contextmanager

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from pipelines.config import EngineSpec
-from pipelines.engines.base import GenerationResult, PreparedRequest, check_fits
+from pipelines.engines.base import GenerationResult, PreparedRequest, StreamEnd, check_fits
 from pipelines.engines.vllm_inputs import (
     VLLM_EXTRA,
     TextStream,
@@ -213,6 +213,7 @@ class VLLMEngine:
             result = (await asyncio.to_thread(self.generate, [request]))[0]
             if result.text:
                 yield result.text
+            yield StreamEnd(result.finish_reason, result.output_tokens)
             return
         from vllm.sampling_params import RequestOutputKind
 
@@ -221,6 +222,7 @@ class VLLMEngine:
             outputs = self._async.generate(prompt, params, f"{request.id}-{uuid.uuid4().hex[:8]}")
             decoder = TextStream(self.tokenizer, request.sampling.stop)
             sent = retry = False
+            produced, finish = 0, "length"
             try:
                 while True:
                     output = await asyncio.wrap_future(self._submit(_next(outputs)))
@@ -235,16 +237,20 @@ class VLLMEngine:
                         raise GenerationFailed(
                             "vLLM failed this request (finish_reason 'error')", item=request.id, stage="generate"
                         )
-                    delta = decoder.push(output.outputs[0].token_ids, final=output.finished)
+                    completion = output.outputs[0]
+                    produced += len(completion.token_ids)
+                    delta = decoder.push(completion.token_ids, final=output.finished)
                     if delta:
                         sent = True
                         yield delta
                     if output.finished or decoder.stopped:
+                        finish = "stop" if decoder.stopped or completion.finish_reason == "stop" else "length"
                         break
             finally:
                 # Closing the generator on its own loop aborts the request in vLLM if it is still running.
                 await asyncio.wrap_future(self._submit(_close(outputs)))
             if not retry:
+                yield StreamEnd(finish, produced)
                 return
 
     # ---- lifecycle ----

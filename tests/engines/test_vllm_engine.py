@@ -207,7 +207,10 @@ def test_offline_engine_streams_the_whole_text_once(fake_engine, tokenizer):
     async def collect():
         return [chunk async for chunk in fake_engine.stream(request)]
 
-    assert asyncio.run(collect()) == ["The quick brown fox"]
+    from pipelines.engines.base import StreamEnd
+
+    completion_ids = _ids(tokenizer, "The quick brown fox")
+    assert asyncio.run(collect()) == ["The quick brown fox", StreamEnd("length", len(completion_ids))]
     assert fake_engine.health()
     fake_engine.close()
     assert not fake_engine.health()
@@ -300,8 +303,12 @@ def test_online_stream_retries_an_error_finish_before_any_text(fake_online_engin
     async def collect():
         return [delta async for delta in fake_online_engine.stream(_text_request(tokenizer))]
 
+    from pipelines.engines.base import StreamEnd
+
     fake.errors_left = 1
-    assert "".join(asyncio.run(collect())) == "Snow covers the quiet village."
+    *deltas, end = asyncio.run(collect())
+    assert "".join(deltas) == "Snow covers the quiet village."
+    assert end == StreamEnd("stop", len(fake.completion))  # the engine's own count
     assert len(fake.requests) == 2
     fake.errors_left = 2
     with pytest.raises(GenerationFailed):

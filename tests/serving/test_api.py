@@ -116,6 +116,27 @@ def test_streaming_with_usage(client):
     assert chunks[-1]["usage"]["completion_tokens"] >= 1
 
 
+def _streamed(client, content: str, max_tokens: int) -> list[dict]:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200, response.read()
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]", events
+    return [json.loads(e) for e in events[:-1]]
+
+
+@pytest.mark.parametrize(("content", "max_tokens"), [("Hello", 16), ("Tell me a story.", 32), ("Hi", 3)])
+def test_streamed_usage_and_finish_match_the_same_request_unstreamed(client, content, max_tokens):
+    whole = chat(client, content, max_tokens=max_tokens).json()
+    chunks = _streamed(client, content, max_tokens)
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    usage = chunks[-1]["usage"]
+    assert usage["completion_tokens"] == whole["usage"]["completion_tokens"] <= max_tokens
+    assert usage["prompt_tokens"] == whole["usage"]["prompt_tokens"]
+    assert finishes == [whole["choices"][0]["finish_reason"]]
+
+
 def test_stop_strings_cut_the_answer(client):
     full = chat(client, "Say something.", max_tokens=12).json()["choices"][0]["message"]["content"]
     if len(full) < 4:
