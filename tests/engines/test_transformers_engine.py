@@ -256,22 +256,25 @@ def test_stream_matches_generate_text_count_and_finish(plain_engine, tokenizer):
         assert "".join(deltas).strip()
 
 
-def test_closing_a_stream_stops_its_generation_and_frees_the_engine(plain_engine, tokenizer):
+def test_closing_a_stream_stops_its_generation_and_frees_the_engine(plain_engine, tokenizer, monkeypatch):
     import asyncio
-    import time
+    import threading
 
+    from pipelines.engines import transformers as engine_module
+
+    budget = 600
     (request,) = _requests(
         tokenizer,
         b"x",
         TaskOptions(task=Task.prompt, prompt="Go on and on."),
-        sampling=SamplingParams(max_new_tokens=400),
+        # End of turn banned: left alone, the generation runs its whole budget.
+        sampling=SamplingParams(max_new_tokens=budget, logit_bias=tuple((t, -100.0) for t in plain_engine.stop_ids)),
     )
-    (short,) = _requests(
-        tokenizer, b"x", TaskOptions(task=Task.prompt, prompt="Hi."), sampling=SamplingParams(max_new_tokens=2)
-    )
-    started = time.perf_counter()
-    plain_engine.generate([request])
-    whole = time.perf_counter() - started  # what a stream nobody stops would hold the engine for
+    assert plain_engine.generate([request])[0].finish_reason == "length"
+
+    steps = []
+    put = engine_module._TokenSink.put
+    monkeypatch.setattr(engine_module._TokenSink, "put", lambda sink, value: (steps.append(1), put(sink, value)))
 
     async def leave_after_first_delta():
         stream = plain_engine.stream(request)
@@ -280,6 +283,9 @@ def test_closing_a_stream_stops_its_generation_and_frees_the_engine(plain_engine
         await stream.aclose()  # what a client that disconnects, or a stop string, does
 
     asyncio.run(leave_after_first_delta())
-    started = time.perf_counter()
-    plain_engine.generate([short])  # waits for the engine lock: free once the stopped generation ends
-    assert time.perf_counter() - started < whole / 2, "the closed stream kept generating"
+    for thread in threading.enumerate():
+        if thread.name == f"stream-{request.id}":
+            thread.join(timeout=120)
+    assert plain_engine._lock.acquire(timeout=1), "the engine is still busy with the closed stream"
+    plain_engine._lock.release()
+    assert len(steps) < budget, "the closed stream kept generating to its budget"
