@@ -89,10 +89,6 @@ class ChatService:
                     param="logit_bias",
                     code="invalid_value",
                 )
-        if body.stream:
-            for name in ("frequency_penalty", "presence_penalty", "logit_bias"):
-                if getattr(body, name):
-                    raise APIError(400, f"{name} is not supported with stream yet", param=name, code="unsupported")
         limits = self.spec.limits
         if len(body.messages) > limits.max_messages:
             raise APIError(400, f"at most {limits.max_messages} messages per request", param="messages")

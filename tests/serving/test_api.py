@@ -116,9 +116,9 @@ def test_streaming_with_usage(client):
     assert chunks[-1]["usage"]["completion_tokens"] >= 1
 
 
-def _streamed(client, content: str, max_tokens: int) -> list[dict]:
+def _streamed(client, content: str, max_tokens: int, **extra) -> list[dict]:
     body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, **extra}  # fmt: skip
     with client.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200, response.read()
         events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
@@ -126,15 +126,28 @@ def _streamed(client, content: str, max_tokens: int) -> list[dict]:
     return [json.loads(e) for e in events[:-1]]
 
 
-@pytest.mark.parametrize(("content", "max_tokens"), [("Hello", 16), ("Tell me a story.", 32), ("Hi", 3)])
-def test_streamed_usage_and_finish_match_the_same_request_unstreamed(client, content, max_tokens):
-    whole = chat(client, content, max_tokens=max_tokens).json()
-    chunks = _streamed(client, content, max_tokens)
+@pytest.mark.parametrize(
+    ("content", "max_tokens", "extra"),
+    [
+        ("Hello", 16, {}),
+        ("Tell me a story.", 32, {}),
+        ("Hi", 3, {}),
+        ("Tell me a story.", 24, {"presence_penalty": 1.5, "frequency_penalty": 0.5, "logit_bias": {"5": -100}}),
+    ],
+)
+def test_streamed_usage_and_finish_match_the_same_request_unstreamed(client, content, max_tokens, extra):
+    whole = chat(client, content, max_tokens=max_tokens, **extra).json()
+    chunks = _streamed(client, content, max_tokens, **extra)
     finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
     usage = chunks[-1]["usage"]
     assert usage["completion_tokens"] == whole["usage"]["completion_tokens"] <= max_tokens
     assert usage["prompt_tokens"] == whole["usage"]["prompt_tokens"]
     assert finishes == [whole["choices"][0]["finish_reason"]]
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert streamed.strip() == whole["choices"][0]["message"]["content"]  # penalties apply to both alike
+    if extra:  # and they matter here: without them the answer differs
+        plain = chat(client, content, max_tokens=max_tokens).json()["choices"][0]["message"]["content"]
+        assert plain != streamed.strip()
 
 
 def test_stop_strings_cut_the_answer(client):
@@ -483,7 +496,6 @@ def test_frequency_penalty_changes_a_repetitive_greedy_answer(client, tokenizer)
         ({"logit_bias": {"cat": 1}}, "logit_bias"),
         ({"logit_bias": {"5": 101}}, "logit_bias"),
         ({"frequency_penalty": 2.5}, "frequency_penalty"),
-        ({"stream": True, "presence_penalty": 1.0}, "presence_penalty"),
     ],
 )
 def test_options_it_cannot_honour_are_refused_by_name(client, extra, param):
