@@ -156,31 +156,12 @@ class Table:
 # ---- the checkpoint: preset config, a local tokenizer, random weights ----
 
 
-def tokenizer_ids(tokenizer) -> dict:
-    """The config's token ids, taken from the tokenizer the checkpoint ships (so prompts and model agree)."""
-    return dict(
-        image_token_id=tokenizer.image_token_id,
-        boi_token_id=tokenizer.boi_token_id,
-        eoi_token_id=tokenizer.eoi_token_id,
-        audio_token_id=tokenizer.audio_token_id,
-        boa_token_id=tokenizer.boa_token_id,
-        eoa_token_index=tokenizer.eoa_token_id,
-        video_token_id=tokenizer.convert_tokens_to_ids("<|video|>"),
-    )
-
-
-def text_ids(tokenizer) -> dict:
-    return dict(
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id
-    )
-
-
 def write_configs(directory: Path, dry_run: bool):
     """Tokenizer + the preset's target and assistant configs (token ids remapped) in `directory`; the configs."""
     from transformers import AutoConfig
 
     from pipelines.engines import mtp_fix
-    from pipelines.engines.tiny_checkpoint import build_tiny_tokenizer
+    from pipelines.engines.tiny_checkpoint import build_tiny_tokenizer, media_token_ids, text_token_ids
 
     mtp_fix.apply()
     tokenizer = build_tiny_tokenizer()
@@ -192,9 +173,9 @@ def write_configs(directory: Path, dry_run: bool):
         target["vision_config"].update(DRY_VISION)
         assistant["text_config"].update(DRY_ASSISTANT_TEXT)
         assistant["backbone_hidden_size"] = DRY_TEXT["hidden_size"]
-    target.update(tokenizer_ids(tokenizer))
-    target["text_config"].update(text_ids(tokenizer))
-    assistant["text_config"].update(text_ids(tokenizer))
+    target.update(media_token_ids(tokenizer))
+    target["text_config"].update(text_token_ids(tokenizer))
+    assistant["text_config"].update(text_token_ids(tokenizer))
     (directory / "assistant").mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(target, indent=2))
     (directory / "assistant" / "config.json").write_text(json.dumps(assistant, indent=2))

@@ -131,6 +131,26 @@ NUM_ASSISTANT_TOKENS = 4
 TINY_REVISION = 2
 
 
+def media_token_ids(tokenizer) -> dict:
+    """The config's media token ids, taken from the tokenizer a checkpoint ships (so prompts and model agree)."""
+    return dict(
+        image_token_id=tokenizer.image_token_id,
+        boi_token_id=tokenizer.boi_token_id,
+        eoi_token_id=tokenizer.eoi_token_id,
+        audio_token_id=tokenizer.audio_token_id,
+        boa_token_id=tokenizer.boa_token_id,
+        eoa_token_index=tokenizer.eoa_token_id,
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video|>"),
+    )
+
+
+def text_token_ids(tokenizer) -> dict:
+    """The text config's pad, end and start ids from the same tokenizer."""
+    return dict(
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id
+    )
+
+
 def build_tiny_model(directory: str | Path, *, seed: int = 0) -> Path:
     """Write a complete tiny checkpoint: processor files, target model and its MTP assistant in `assistant/`."""
     import torch
@@ -152,12 +172,7 @@ def build_tiny_model(directory: str | Path, *, seed: int = 0) -> Path:
     write_tiny_processor(directory)
 
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    ids = dict(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
+    ids = dict(vocab_size=len(tokenizer), **text_token_ids(tokenizer))
     end_of_turn = tokenizer.convert_tokens_to_ids("<turn|>")
     text = Gemma4UnifiedTextConfig(**TINY_TEXT, **ids)
     config = Gemma4UnifiedConfig(
@@ -168,13 +183,7 @@ def build_tiny_model(directory: str | Path, *, seed: int = 0) -> Path:
             mm_embed_dim=64, output_proj_dims=64, num_soft_tokens=DEFAULT_SOFT_TOKENS
         ),
         audio_config=Gemma4UnifiedAudioConfig(),
-        image_token_id=tokenizer.image_token_id,
-        boi_token_id=tokenizer.boi_token_id,
-        eoi_token_id=tokenizer.eoi_token_id,
-        audio_token_id=tokenizer.audio_token_id,
-        boa_token_id=tokenizer.boa_token_id,
-        eoa_token_index=tokenizer.eoa_token_id,
-        video_token_id=tokenizer.convert_tokens_to_ids("<|video|>"),
+        **media_token_ids(tokenizer),
     )
     torch.manual_seed(seed)
     model = Gemma4UnifiedForConditionalGeneration(config).eval()
