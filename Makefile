@@ -32,14 +32,15 @@ check-gpu-pins: install
 		json.load(open('$(VENV)/gpu-resolve.json'))['install']}; print('GPU set resolves:', \
 		', '.join(f'{n} {got[n]}' for n in ('vllm', 'torch', 'transformers')))"
 
-# A second venv: constraints.txt's torch (on local disk; vLLM's exact torch is a multi-GB CUDA download that these
-# CPU tests do not need), constraints-gpu.txt's transformers and tokenizers.
-$(GPU_PINS_VENV)/.installed: pyproject.toml constraints.txt constraints-gpu.txt
+# A second venv layered over the first: the first venv's packages sit behind its own (a .pth file adds them), so
+# only what the GPU set pins differently (transformers, tokenizers) is installed here, not a second multi-GB torch.
+$(GPU_PINS_VENV)/.installed: $(STAMP) constraints-gpu.txt
 	test -x $(GPU_PINS_BIN)/python || $(PYTHON) -m venv $(GPU_PINS_VENV)
-	$(GPU_PINS_BIN)/pip install --progress-bar off -q --upgrade pip
-	grep -E '^(transformers|tokenizers)==' constraints-gpu.txt > $(GPU_PINS_VENV)/constraints.txt
-	grep -vE '^(transformers|tokenizers)==' constraints.txt >> $(GPU_PINS_VENV)/constraints.txt
-	$(GPU_PINS_BIN)/pip install --progress-bar off -q -c $(GPU_PINS_VENV)/constraints.txt -e ".[test]"
+	echo "import site; site.addsitedir('$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')')" \
+		> "$$($(GPU_PINS_BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/first-venv.pth"
+	grep -vE '^(transformers|tokenizers)==' constraints.txt > $(GPU_PINS_VENV)/constraints.txt
+	$(GPU_PINS_BIN)/pip install --progress-bar off -q -c $(GPU_PINS_VENV)/constraints.txt \
+		$$(grep -E '^(transformers|tokenizers)==' constraints-gpu.txt)
 	touch $@
 
 test-gpu-pins: $(GPU_PINS_VENV)/.installed
