@@ -88,11 +88,13 @@ def load_engine(spec, body: dict):
     return TransformersEngine(resolve(spec.model), spec.engine), prepared
 
 
-def interleaved(engine, prepared, url: str, body: dict, requests: int) -> tuple[list, list, list, object]:
-    """Engine alone and endpoint, one request each in turn, so both see the same background load."""
+def interleaved(engine, prepared, url: str, body: dict, requests: int) -> tuple[list, list, list, dict, object]:
+    """Engine alone and endpoint, one request each in turn, so both see the same background load. Also where the
+    endpoint's time goes, from each answer's Server-Timing header."""
     import httpx
 
     engine_s, endpoint_s, overhead_s = [], [], []
+    parts: dict[str, list[float]] = {}
     with httpx.Client(timeout=120, trust_env=False) as http:
         for index in range(requests + 3):
             started = time.perf_counter()
@@ -104,11 +106,24 @@ def interleaved(engine, prepared, url: str, body: dict, requests: int) -> tuple[
             response.raise_for_status()
             if index < 3:  # warm-up
                 continue
-            replica_engine_ms = float(re.search(r"engine;dur=([\d.]+)", response.headers["server-timing"]).group(1))
+            timing = {
+                k: float(v) / 1000 for k, v in re.findall(r"(\w+);dur=([\d.]+)", response.headers["server-timing"])
+            }
             engine_s.append(alone)
             endpoint_s.append(through)
-            overhead_s.append(through - replica_engine_ms / 1000)
-    return engine_s, endpoint_s, overhead_s, result
+            overhead_s.append(through - timing["engine"])
+            for name, seconds in (
+                ("HTTP and Serve's proxy (end to end - ingress)", through - timing["ingress"]),
+                ("ingress: prepare (parse, template, tokenize)", timing["prepare"]),
+                ("ingress -> model replica call (model - replica)", timing["model"] - timing["replica"]),
+                ("model replica around the engine (replica - engine)", timing["replica"] - timing["engine"]),
+                (
+                    "ingress: the rest (ingress - prepare - model)",
+                    timing["ingress"] - timing["prepare"] - timing["model"],
+                ),
+            ):
+                parts.setdefault(name, []).append(seconds)
+    return engine_s, endpoint_s, overhead_s, parts, result
 
 
 def after_leaving(url: str, body: dict, endless: dict, rounds: int) -> list[tuple[str, list[float]]]:
@@ -195,7 +210,7 @@ def main() -> int:
         serve.run(build_app(spec_on), name="bench", logging_config={"log_level": "WARNING"})
         engine, prepared = load_engine(spec_on, body)
         log(f"concurrency 1: {args.requests} requests, engine alone and endpoint in turn")
-        baseline, endpoint, overheads, result = interleaved(engine, prepared, url, body, args.requests)
+        baseline, endpoint, overheads, parts, result = interleaved(engine, prepared, url, body, args.requests)
         endless = {
             **body,
             "max_tokens": ENDLESS_TOKENS,
@@ -245,6 +260,9 @@ def main() -> int:
             f"{statistics.mean(values) * 1000:>8.1f}"
         )
     print(f"{'endpoint p50 - engine p50':<46} {endpoint_p50 - engine_p50:>8.1f}")
+    print("where the overhead goes (p50 of each part, from Server-Timing):")
+    for name, values in parts.items():
+        print(f"  {name:<52} {percentile_ms(values, 50):>6.1f}")
     verdict = "meets" if percentile_ms(overheads, 50) < 15 else "misses"
     print(f"overhead p50 {percentile_ms(overheads, 50):.1f} ms {verdict} the 15 ms target")
     print()
