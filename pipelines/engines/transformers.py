@@ -374,12 +374,17 @@ class _RowsCancelled:
 
     def __init__(self, watches: list[Watch | None]) -> None:
         self.events = [watch.cancelled if watch is not None else None for watch in watches]
+        self.none = None
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
         flags = [event is not None and event.is_set() for event in self.events]
-        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
+        if any(flags):
+            return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
+        if self.none is None:  # the usual answer, made once: no copy to the device at every step
+            self.none = torch.zeros(len(flags), dtype=torch.bool, device=input_ids.device)
+        return self.none
 
 
 @contextmanager
