@@ -207,7 +207,7 @@ class _FakeEngine:
     def __init__(self) -> None:
         self.calls: list[int] = []
 
-    def generate(self, requests):
+    def generate(self, requests, watches=None):
         import time
 
         from pipelines.engines.base import GenerationResult
