@@ -6,6 +6,10 @@
    time minus the engine time the replica reports for that very request (Server-Timing header; it leaves out the
    engine's collate and decode, about 1 ms, so it slightly overstates). Target: under 15 ms p50.
 2. Throughput at concurrency 32 for a fixed time, one model replica, with batching on (max 8) and off (max 1).
+3. Streamed answers (read to their end) at concurrency 1 and 16: concurrent streams share engine batches, so
+   requests/s at 16 should be well above concurrency 1 (target: at least 3x).
+4. A client that leaves: the next request's latency after a client timeout (0.5 s) and after a stream closed at its
+   first chunk, each on an answer that would otherwise run 4,000 tokens, beside the idle latency (target: within 2x).
 
     python benchmarks/serve.py                    # tiny model, about 2 minutes
     python benchmarks/serve.py --quick            # fewer requests, shorter runs
@@ -30,6 +34,7 @@ import statistics
 import time
 
 PROMPT = "Write one sentence about the sea."
+ENDLESS_TOKENS = 4000  # an answer with end of turn banned: many seconds on the tiny model
 
 
 def log(message: str) -> None:
@@ -74,7 +79,7 @@ def spec_for(args, batch_size: int):
                 "ingress": {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 256},
                 "model": {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 64},
             },
-            "limits": {"max_output_tokens": max(args.max_tokens, 16), "max_queued_requests": 1024},
+            "limits": {"max_output_tokens": max(args.max_tokens, ENDLESS_TOKENS), "max_queued_requests": 1024},
         }
     )
 
@@ -116,6 +121,41 @@ def interleaved(engine, prepared, url: str, body: dict, requests: int) -> tuple[
             endpoint_s.append(through)
             overhead_s.append(through - replica_engine_ms / 1000)
     return engine_s, endpoint_s, overhead_s, result
+
+
+def after_leaving(url: str, body: dict, endless: dict, rounds: int) -> list[tuple[str, list[float]]]:
+    """The same short request: idle, then right after each way a client leaves an endless answer."""
+    import httpx
+
+    with httpx.Client(timeout=120, trust_env=False) as http:
+
+        def short() -> float:
+            started = time.perf_counter()
+            http.post(url, json=body).raise_for_status()
+            return time.perf_counter() - started
+
+        def time_out() -> None:
+            try:
+                http.post(url, json=endless, timeout=0.5)
+            except httpx.ReadTimeout:
+                return
+            raise RuntimeError("the endless answer ended within 0.5 s: raise max_tokens")
+
+        def close_stream() -> None:
+            with http.stream("POST", url, json={**endless, "stream": True}) as response:
+                next(response.iter_lines())
+
+        rows = [("idle (baseline)", [short() for _ in range(rounds)])]
+        for name, leave in (
+            ("after a client timeout at 0.5 s", time_out),
+            ("after a stream closed early", close_stream),
+        ):
+            after = []
+            for _ in range(rounds):
+                leave()
+                after.append(short())
+            rows.append((name, after))
+    return rows
 
 
 def main() -> int:
@@ -169,12 +209,26 @@ def main() -> int:
         engine, prepared = load_engine(spec_on, body)
         log(f"concurrency 1: {args.requests} requests, engine alone and endpoint in turn")
         baseline, endpoint, overheads, result = interleaved(engine, prepared, url, body, args.requests)
+        endless = {
+            **body,
+            "max_tokens": ENDLESS_TOKENS,
+            "logit_bias": {str(token): -100 for token in engine.stop_ids},
+        }
         engine.close()
         log(f"  {result.output_tokens} output tokens per request, prompt {result.prompt_tokens} tokens")
+        log("a client that leaves: the next request's latency")
+        leaving = after_leaving(url, body, endless, rounds=5)
 
         asyncio.run(run_load(url, body, concurrency=args.concurrency, requests=2 * args.concurrency))  # warm up
         log(f"concurrency {args.concurrency}, batching on, {args.duration_s:g} s")
         batched = asyncio.run(run_load(url, body, concurrency=args.concurrency, duration_s=args.duration_s))
+
+        streamed_body = {**body, "stream": True}
+        streams = []
+        for concurrency in (1, 16):
+            log(f"streams at concurrency {concurrency}, {args.duration_s:g} s")
+            report = asyncio.run(run_load(url, streamed_body, concurrency=concurrency, duration_s=args.duration_s))
+            streams.append((f"streamed, concurrency {concurrency}", report))
 
         log("redeploying with batching off")
         serve.run(build_app(spec_off), name="bench", logging_config={"log_level": "WARNING"})
@@ -216,6 +270,19 @@ def main() -> int:
     )
     if unbatched.requests_per_s:
         print(f"batching speed-up: {batched.requests_per_s / unbatched.requests_per_s:.2f}x requests/s")
+    print()
+    print("Next request after a client left an endless answer (5 each; same request, same replica)")
+    print(f"{'':<46} {'p50 ms':>8} {'max ms':>8}")
+    for name, values in leaving:
+        print(f"{name:<46} {percentile_ms(values, 50):>8.1f} {max(values) * 1000:>8.1f}")
+    print()
+    print(f"Streamed answers, read to their end, {args.duration_s:g} s each, batching on (baseline: concurrency 1)")
+    print(format_table(streams))
+    (_, alone), (_, shared) = streams
+    if alone.requests_per_s:
+        speedup = shared.requests_per_s / alone.requests_per_s
+        verdict = "meets" if speedup >= 3 else "misses"
+        print(f"streams at 16 vs 1: {speedup:.2f}x requests/s, {verdict} the 3x target")
     return 0
 
 

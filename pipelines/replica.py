@@ -25,11 +25,12 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import asdict, dataclass
 
 from pipelines.config import EngineSpec, ModelSpec
-from pipelines.engines.base import GenerationResult, PreparedRequest
+from pipelines.engines.base import GenerationResult, PreparedRequest, StreamEnd, Watch
 from pipelines.errors import FatalEngineError, is_fatal
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,14 @@ class ReplicaStats:
         return asdict(self)
 
 
+def _end_stream(task: asyncio.Task, watch: Watch) -> None:
+    """A streamed request's last item: its result (the stream may already have ended on its own) or its error."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    watch.put(error if error is not None else task.result().result)
+
+
 def aggregate(snapshots: list[dict]) -> dict:
     """One `engine` summary over replicas (the latest snapshot of each): busy time over the replicas' spans."""
     busy = sum(s["busy_s"] for s in snapshots)
@@ -114,6 +123,7 @@ def aggregate(snapshots: list[dict]) -> dict:
 @dataclass
 class _Pending:
     request: PreparedRequest
+    watch: Watch
     future: asyncio.Future
     enqueued: float
     taken: bool = False
@@ -158,8 +168,13 @@ class Replica:
 
     # ---- submitting ----
 
-    async def submit(self, request: PreparedRequest) -> Scheduled:
-        """The request's result; its own error (an ItemError, say) is raised here, a fatal one as FatalEngineError."""
+    async def submit(self, request: PreparedRequest, watch: Watch | None = None) -> Scheduled:
+        """The request's result; its own error (an ItemError, say) is raised here, a fatal one as FatalEngineError.
+
+        A caller that gives up (its task cancelled: a client timeout, a cancelled batch member) leaves the queue if
+        it was waiting, or cancels its request in the engine batch, which ends it at the next decoding step.
+        """
+        watch = watch or Watch()
         if self.fatal:
             raise FatalEngineError(f"the model replica failed and is being replaced: {self.fatal}")
         if self._first is None:
@@ -169,7 +184,7 @@ class Replica:
         self._start()
         assert self._room is not None and self._arrived is not None
         await self._room.acquire()  # a bounded queue: wait for room
-        pending = _Pending(request, asyncio.get_running_loop().create_future(), time.monotonic())
+        pending = _Pending(request, watch, asyncio.get_running_loop().create_future(), time.monotonic())
         self._waiting.append(pending)
         self._arrived.set()
         try:
@@ -178,6 +193,8 @@ class Replica:
             if not pending.taken:  # the caller gave up while waiting
                 self._waiting.remove(pending)
                 self._room.release()
+            elif pending.future.cancelled() or not pending.future.done():  # ... or while its request runs
+                watch.cancel()
 
     async def submit_all(self, requests: list[PreparedRequest]) -> list[Scheduled | BaseException]:
         """Every request submitted at once; each outcome is its result or its error. A fatal error raises."""
@@ -186,6 +203,42 @@ class Replica:
             if isinstance(outcome, FatalEngineError):
                 raise outcome
         return outcomes
+
+    async def stream(self, request: PreparedRequest) -> AsyncIterator[str | StreamEnd]:
+        """Text deltas, then a StreamEnd. Through the scheduler, so that concurrent streams (and answers) share
+        engine batches; vLLM streams straight from its engine. Closing the stream cancels its request."""
+        if self.fatal:
+            raise FatalEngineError(f"the model replica failed and is being replaced: {self.fatal}")
+        if self.straight or not hasattr(self.engine, "follow"):
+            async with aclosing(self._stream_straight(request)) as items:
+                async for item in items:
+                    yield item
+            return
+        watch = Watch.streaming()
+        scheduled = asyncio.ensure_future(self.submit(request, watch))
+        scheduled.add_done_callback(lambda task: _end_stream(task, watch))
+        try:
+            async with aclosing(self.engine.follow(request, watch)) as items:
+                async for item in items:
+                    yield item
+        finally:
+            watch.cancel()
+            scheduled.cancel()  # still queued: leaves the queue; running: ends at the next step
+
+    async def _stream_straight(self, request: PreparedRequest) -> AsyncIterator[str | StreamEnd]:
+        if self._first is None:
+            self._first = time.monotonic()
+        self._began(1)
+        try:
+            async with aclosing(self.engine.stream(request)) as items:
+                async for item in items:
+                    yield item
+        except Exception as exc:
+            self._check_fatal(exc)
+            raise
+        finally:
+            self._ended(1)
+            self._finished([])
 
     def _start(self) -> None:
         if self._worker is None or self._worker.done():
@@ -231,7 +284,9 @@ class Replica:
         started = time.monotonic()
         self._began(len(batch))
         try:
-            outcomes = await asyncio.to_thread(self.generate_isolated, [p.request for p in batch])
+            outcomes = await asyncio.to_thread(
+                self.generate_isolated, [p.request for p in batch], [p.watch for p in batch]
+            )
         except FatalEngineError as exc:
             outcomes = [exc] * len(batch)
             self._fail_waiting(exc)
@@ -258,13 +313,17 @@ class Replica:
 
     # ---- isolating a bad request, and the fatal-error policy ----
 
-    def generate_isolated(self, requests: list[PreparedRequest]) -> list[GenerationResult | Exception]:
-        """One engine call for the batch; if it fails, one call per request so a bad request fails alone.
+    def generate_isolated(
+        self, requests: list[PreparedRequest], watches: list[Watch] | None = None
+    ) -> list[GenerationResult | Exception]:
+        """One engine call for the batch; if it fails, one call per request so a bad request fails alone (a stream
+        that already received tokens fails with the batch rather than start over).
 
         A fatal error raises FatalEngineError (after `on_fatal`) instead of failing any request.
         """
+        watches = watches or [None] * len(requests)
         try:
-            return list(self.engine.generate(requests))
+            return list(self.engine.generate(requests, watches))
         except Exception as exc:
             self._check_fatal(exc)
             if len(requests) == 1:
@@ -275,10 +334,14 @@ class Replica:
                 type(exc).__name__,
                 exc,
             )
+            failed = exc
         outcomes: list[GenerationResult | Exception] = []
-        for request in requests:
+        for request, watch in zip(requests, watches):
+            if watch is not None and (watch.delivered or watch.cancelled.is_set()):
+                outcomes.append(failed)
+                continue
             try:
-                outcomes.append(self.engine.generate([request])[0])
+                outcomes.append(self.engine.generate([request], [watch])[0])
             except Exception as exc:
                 self._check_fatal(exc)
                 outcomes.append(exc)

@@ -1,6 +1,6 @@
 """A bounded asyncio load generator for the endpoint (loopback or any URL you own): N clients for T seconds.
 
-Each client sends one request at a time; a 503 is counted and, honouring Retry-After, retried later. The report
+Each client sends one request at a time (a streamed one is read to its end); a 503 is counted and, honouring Retry-After, retried later. The report
 has latency percentiles of the successful requests, throughput and a count per status code.
 """
 
@@ -68,7 +68,11 @@ async def run_load(
             sent += 1
             started = time.perf_counter()
             try:
-                response = await http.post(url, json=body, headers=headers)
+                if body.get("stream"):  # read to the stream's end: the latency is the whole answer's
+                    async with http.stream("POST", url, json=body, headers=headers) as response:
+                        await response.aread()
+                else:
+                    response = await http.post(url, json=body, headers=headers)
             except httpx.HTTPError:
                 report.transport_errors += 1
                 continue

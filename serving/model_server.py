@@ -131,7 +131,7 @@ class ModelServer:
             check_fits(request, self.spec.engine.max_model_len)
             # Closing the engine's stream (here on a stop string, or when the client leaves and this generator is
             # closed) stops its generation, so the next request does not wait for tokens nobody reads.
-            async with aclosing(self.engine.stream(request)) as deltas:
+            async with aclosing(self.replica.stream(request)) as deltas:
                 async for delta in deltas:
                     if isinstance(delta, StreamEnd):
                         end = delta

@@ -18,7 +18,7 @@ class FaultyEngine:
     def __init__(self, engine, folder: Path, fail_on_call: int | None) -> None:
         self.engine, self.folder, self.fail_on_call = engine, folder, fail_on_call
 
-    def generate(self, requests):
+    def generate(self, requests, watches=None):
         calls = self.folder / "calls"
         with calls.open("a") as handle:
             handle.write(",".join(r.id for r in requests) + "\n")
@@ -27,7 +27,7 @@ class FaultyEngine:
             import torch
 
             raise torch.OutOfMemoryError(OOM)
-        return self.engine.generate(requests)
+        return self.engine.generate(requests, watches)
 
     def __getattr__(self, name):
         return getattr(self.engine, name)

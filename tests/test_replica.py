@@ -27,7 +27,7 @@ class Engine:
         self.delay_s, self.fatal = delay_s, fatal
         self.calls: list[list[str]] = []
 
-    def generate(self, requests):
+    def generate(self, requests, watches=None):
         self.calls.append([r.id for r in requests])
         time.sleep(self.delay_s)
         if self.fatal:

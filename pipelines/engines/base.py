@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -84,6 +86,44 @@ class StreamEnd:
     output_tokens: int
 
 
+class Watch:
+    """A caller's hold on one request while an engine generates it.
+
+    `cancel()` stops that request's generation at the engine's next decoding step (a client that left, a stream that
+    found its stop string); the rest of its batch goes on. A watch made with `streaming()` also receives each step's
+    new token ids, then the request's `GenerationResult` or its exception, on the caller's event loop: an engine's
+    threads hand items over with `put`, never blocking on the reader.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.cancelled = threading.Event()
+        self.loop = loop
+        self.items: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
+        self.delivered = False  # whether any token ids were handed over (a retry would repeat them)
+
+    @classmethod
+    def streaming(cls) -> Watch:
+        return cls(asyncio.get_running_loop())
+
+    @property
+    def streams(self) -> bool:
+        return self.items is not None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def put(self, item) -> None:
+        """From any thread: a list of new token ids, a GenerationResult, or an exception."""
+        if self.items is None:
+            return
+        if isinstance(item, list):
+            self.delivered = True
+        try:
+            self.loop.call_soon_threadsafe(self.items.put_nowait, item)
+        except RuntimeError:  # the caller's loop has closed: nobody reads this stream any more
+            self.cancel()
+
+
 def check_fits(request: PreparedRequest, max_model_len: int) -> None:
     """Refuse a request whose prompt plus output cannot fit the model's context, naming the request."""
     from pipelines.errors import InvalidRequest
@@ -98,7 +138,11 @@ def check_fits(request: PreparedRequest, max_model_len: int) -> None:
 
 
 class Engine(Protocol):
-    def generate(self, requests: list[PreparedRequest]) -> list[GenerationResult]: ...
+    def generate(
+        self, requests: list[PreparedRequest], watches: list[Watch | None] | None = None
+    ) -> list[GenerationResult]:
+        """One result per request, in order. An engine that generates step by step honours each watch: a cancelled
+        request ends early (its partial result is nobody's answer), a streaming watch receives its tokens."""
 
     def stream(self, request: PreparedRequest) -> AsyncIterator[str | StreamEnd]:
         """Text deltas, then one StreamEnd. Closing the iterator early stops the generation."""

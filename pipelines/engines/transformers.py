@@ -8,19 +8,18 @@ speculates and a larger group is batched without the assistant; greedy output is
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from contextlib import contextmanager
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from itertools import groupby
 
 import numpy as np
 
 from pipelines.config import EngineSpec
-from pipelines.engines.base import GenerationResult, PreparedRequest, SamplingParams, StreamEnd, check_fits
+from pipelines.engines.base import GenerationResult, PreparedRequest, SamplingParams, StreamEnd, Watch, check_fits
 from pipelines.errors import ModelSourceError
 from pipelines.model_sources import ResolvedModel
 from pipelines.prompts import strip_thinking
@@ -108,20 +107,29 @@ class TransformersEngine:
 
     # ---- batch generation ----
 
-    def generate(self, requests: list[PreparedRequest]) -> list[GenerationResult]:
-        results: dict[str, GenerationResult] = {}
+    def generate(
+        self, requests: list[PreparedRequest], watches: list[Watch | None] | None = None
+    ) -> list[GenerationResult]:
+        """Results in request order. Each watch's request stops at the next step once cancelled, and a streaming
+        watch receives that request's new token ids at every step."""
+        results: dict[int, GenerationResult] = {}
         for request in requests:
             check_fits(request, self.spec.max_model_len)
-        ordered = sorted(requests, key=lambda r: (_sampling_key(r.sampling), r.prompt_tokens))
+        watched = list(zip(requests, watches or [None] * len(requests), strict=True))
+        order = sorted(
+            range(len(requests)), key=lambda i: (_sampling_key(requests[i].sampling), requests[i].prompt_tokens)
+        )
         with self._lock:
-            for _, group in groupby(ordered, key=lambda r: _sampling_key(r.sampling)):
+            for _, group in groupby(order, key=lambda i: _sampling_key(requests[i].sampling)):
                 group = list(group)
                 speculative = self.speculates(len(group))
                 size = 1 if speculative else self.spec.max_batch_size
                 for start in range(0, len(group), size):
-                    for result in self._generate_batch(group[start : start + size], speculative):
-                        results[result.id] = result
-        return [results[r.id] for r in requests]
+                    chunk = group[start : start + size]
+                    batch = [watched[i] for i in chunk]
+                    for index, result in zip(chunk, self._generate_batch(batch, speculative)):
+                        results[index] = result
+        return [results[i] for i in range(len(requests))]
 
     def speculates(self, waiting: int) -> bool:
         """Whether `waiting` requests of one sampling setting run speculatively (one at a time) or as a batch."""
@@ -152,14 +160,23 @@ class TransformersEngine:
             kwargs.update(sequence_bias={(token,): bias for token, bias in sampling.logit_bias})
         return kwargs
 
-    def _generate_batch(self, batch: list[PreparedRequest], speculative: bool) -> list[GenerationResult]:
+    def _generate_batch(
+        self, watched: list[tuple[PreparedRequest, Watch | None]], speculative: bool
+    ) -> list[GenerationResult]:
         import torch
+        from transformers import StoppingCriteriaList
 
+        batch = [request for request, _ in watched]
+        watches = [watch for _, watch in watched]
         sampling = batch[0].sampling
         inputs = self._collate(batch)
         kwargs = self._generation_kwargs(sampling, inputs)
         if sampling.stop:
             kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+        if any(watches):
+            kwargs.update(stopping_criteria=StoppingCriteriaList([_RowsCancelled(watches)]))
+        if any(watch is not None and watch.streams for watch in watches):
+            kwargs.update(streamer=_RowsSink(watches))
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         counter = _SpecCounter()
@@ -257,47 +274,41 @@ class TransformersEngine:
     # ---- streaming ----
 
     async def stream(self, request: PreparedRequest) -> AsyncIterator[str | StreamEnd]:
-        """Text deltas as tokens are generated (thinking blocks hidden, stop strings honoured), then a StreamEnd with
-        the engine's own token count. Closing the stream early (a stop string, a client that left) stops the
-        generation within one decoding step, which frees the engine for the next request."""
-        import queue
-
-        import torch
-        from transformers import StoppingCriteriaList
-
-        from pipelines.engines.vllm_inputs import TextStream
-
-        check_fits(request, self.spec.max_model_len)
-        sampling = request.sampling
-        inputs = self._collate([request])
-        tokens: queue.SimpleQueue = queue.SimpleQueue()
-        cancelled = threading.Event()
-        kwargs = self._generation_kwargs(sampling, inputs)
-        kwargs.update(streamer=_TokenSink(tokens), stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]))
+        """This request alone, streamed (`follow` on a generation of its own). The replica runtime streams through
+        its scheduler instead, so that concurrent streams share engine batches."""
+        watch = Watch.streaming()
 
         def run() -> None:
             try:
-                with self._lock, torch.inference_mode():
-                    if sampling.seed is not None:
-                        torch.manual_seed(sampling.seed)
-                    self.model.generate(**inputs, **kwargs)
-            except BaseException as exc:  # handed to the consumer, which raises it
-                tokens.put(exc)
-            finally:
-                tokens.put(None)
+                watch.put(self.generate([request], [watch])[0])
+            except BaseException as exc:  # handed to the reader, which raises it
+                watch.put(exc)
 
+        check_fits(request, self.spec.max_model_len)
         threading.Thread(target=run, daemon=True, name=f"stream-{request.id}").start()
+        async with aclosing(self.follow(request, watch)) as items:
+            async for item in items:
+                yield item
+
+    async def follow(self, request: PreparedRequest, watch: Watch) -> AsyncIterator[str | StreamEnd]:
+        """Text deltas from a streaming watch's token ids (thinking blocks hidden, stop strings honoured), then a
+        StreamEnd with the engine's own token count. Leaving early (a stop string, a client that left) cancels the
+        request, which stops its generation within one decoding step and frees its place in the batch."""
+        from pipelines.engines.vllm_inputs import TextStream
+
+        sampling = request.sampling
         decoder = TextStream(self.tokenizer, sampling.stop)
         produced, finish = 0, "length"
         try:
             while True:
-                new_ids = await asyncio.to_thread(tokens.get)
-                if new_ids is None:
+                item = await watch.items.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, GenerationResult):  # the generation ended before its end showed in the stream
+                    produced, finish = item.output_tokens, item.finish_reason
                     break
-                if isinstance(new_ids, BaseException):
-                    raise new_ids
                 visible = []
-                for token in new_ids:
+                for token in item:
                     produced += 1
                     if token in self.stop_ids:
                         finish = "stop"
@@ -313,7 +324,7 @@ class TransformersEngine:
                 yield tail
             yield StreamEnd("stop" if decoder.stopped else finish, produced)
         finally:
-            cancelled.set()  # the generation stops at its next step, whoever ended the stream
+            watch.cancel()  # the generation stops at its next step, whoever ended the stream
 
     def health(self) -> bool:
         return self.model is not None
@@ -337,33 +348,38 @@ def _sampling_key(sampling: SamplingParams) -> tuple:
     )
 
 
-class _TokenSink:
-    """A transformers streamer that hands each step's new token ids to a queue (the prompt, sent first, is skipped)."""
+class _RowsSink:
+    """A transformers streamer handing each row's new token ids to its streaming watch (the prompt, sent first, is
+    skipped). A step's value is one token per row, or [1, n] accepted tokens under speculative decoding."""
 
-    def __init__(self, sink) -> None:
-        self.sink = sink
+    def __init__(self, watches: list[Watch | None]) -> None:
+        self.watches = watches
         self.prompt_seen = False
 
     def put(self, value) -> None:
         if not self.prompt_seen:
             self.prompt_seen = True
             return
-        self.sink.put([int(t) for t in value.reshape(-1).tolist()])
+        rows = value.reshape(len(self.watches), -1).tolist()
+        for watch, ids in zip(self.watches, rows):
+            if watch is not None and watch.streams and not watch.cancelled.is_set():
+                watch.put([int(t) for t in ids])
 
     def end(self) -> None:
         pass
 
 
-class _Cancelled:
-    """A stopping criterion fed by the stream's cancel state: True for every row once the stream has ended."""
+class _RowsCancelled:
+    """A stopping criterion: True for each row whose watch was cancelled, so that row ends at this step."""
 
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
+    def __init__(self, watches: list[Watch | None]) -> None:
+        self.events = [watch.cancelled if watch is not None else None for watch in watches]
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        flags = [event is not None and event.is_set() for event in self.events]
+        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
 
 
 @contextmanager

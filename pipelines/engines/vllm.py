@@ -24,7 +24,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from pipelines.config import EngineSpec
-from pipelines.engines.base import GenerationResult, PreparedRequest, StreamEnd, check_fits
+from pipelines.engines.base import GenerationResult, PreparedRequest, StreamEnd, Watch, check_fits
 from pipelines.engines.vllm_inputs import (
     VLLM_EXTRA,
     TextStream,
@@ -105,7 +105,11 @@ class VLLMEngine:
 
     # ---- batch generation ----
 
-    def generate(self, requests: list[PreparedRequest]) -> list[GenerationResult]:
+    def generate(
+        self, requests: list[PreparedRequest], watches: list[Watch | None] | None = None
+    ) -> list[GenerationResult]:
+        """Watches are not needed here: online, a caller that gives up cancels `agenerate`, which aborts its request
+        in vLLM (and frees its place in vLLM's batch at once); offline, a batch runs to its end."""
         if not requests:
             return []
         inputs = [self._inputs(r) for r in requests]

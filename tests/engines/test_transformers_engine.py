@@ -273,8 +273,8 @@ def test_closing_a_stream_stops_its_generation_and_frees_the_engine(plain_engine
     assert plain_engine.generate([request])[0].finish_reason == "length"
 
     steps = []
-    put = engine_module._TokenSink.put
-    monkeypatch.setattr(engine_module._TokenSink, "put", lambda sink, value: (steps.append(1), put(sink, value)))
+    put = engine_module._RowsSink.put
+    monkeypatch.setattr(engine_module._RowsSink, "put", lambda sink, value: (steps.append(1), put(sink, value)))
 
     async def leave_after_first_delta():
         stream = plain_engine.stream(request)

@@ -77,6 +77,8 @@ class _FakeAsyncLLM:
         self.completion: list[int] = []
         self.errors_left = 0
         self.requests: list[str] = []
+        self.aborted: list[str] = []
+        self.step_s = 0.0
         _FakeAsyncLLM.instance = self
 
     @classmethod
@@ -88,11 +90,16 @@ class _FakeAsyncLLM:
         failed, self.errors_left = self.errors_left > 0, max(0, self.errors_left - 1)
         delta = params.get("output_kind") is not None
         ids = self.completion[:1] if failed else self.completion
-        for index in range(len(ids)):
-            last = index == len(ids) - 1
-            token_ids = ids[index : index + 1] if delta else ids[: index + 1]
-            finish = ("error" if failed else "stop") if last else None
-            yield _output(token_ids, finish, finished=last)
+        try:
+            for index in range(len(ids)):
+                await asyncio.sleep(self.step_s)
+                last = index == len(ids) - 1
+                token_ids = ids[index : index + 1] if delta else ids[: index + 1]
+                finish = ("error" if failed else "stop") if last else None
+                yield _output(token_ids, finish, finished=last)
+        except (asyncio.CancelledError, GeneratorExit):  # where vLLM's AsyncLLM aborts the request
+            self.aborted.append(request_id)
+            raise
 
     def shutdown(self) -> None:
         pass
@@ -314,6 +321,25 @@ def test_online_stream_retries_an_error_finish_before_any_text(fake_online_engin
     with pytest.raises(GenerationFailed):
         asyncio.run(collect())
     assert len(fake.requests) == 4
+
+
+def test_a_caller_that_gives_up_aborts_its_request_in_vllm(fake_online_engine, tokenizer):
+    """A client timeout or a cancelled batch member: the caller's task is cancelled, and vLLM aborts that request."""
+    import time
+
+    fake = _FakeAsyncLLM.instance
+    fake.completion = _ids(tokenizer, "A long answer that takes its time. " * 10)
+    fake.step_s = 0.02
+
+    async def give_up():
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(fake_online_engine.agenerate(_text_request(tokenizer)), timeout=0.2)
+
+    asyncio.run(give_up())
+    deadline = time.monotonic() + 5  # the engine's loop runs in its own thread
+    while not fake.aborted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fake.aborted == fake.requests and len(fake.requests) == 1
 
 
 def test_tiny_checkpoint_carries_vllms_image_budget_field(tiny_model):

@@ -386,6 +386,63 @@ def _wait_for_replicas(predicate, timeout_s: float) -> int:
         time.sleep(0.5)
 
 
+LONG = {
+    "app_name": "long",
+    "route_prefix": "/long",
+    "engine": {"speculative": False},
+    "limits": {"max_output_tokens": 4000},
+    "resources": {"ingress": {"num_cpus": 0.25}, "model": {"num_cpus": 0.25, "torch_threads": 1}},
+    "autoscaling": {"ingress": {"max_replicas": 1}, "model": {"max_replicas": 1}},
+}
+
+
+def test_a_client_that_leaves_stops_its_generation(endpoint, tokenizer, tiny_dir):
+    """A client timeout and a closed stream each stop their generation, so the next request does not wait for it."""
+    import json
+
+    from ray import serve
+
+    from serving.app import build_app
+    from serving.spec import build_spec
+
+    config = json.loads((tiny_dir / "generation_config.json").read_text())
+    # End of turn banned: left alone, this answer runs 4,000 tokens (many seconds on the tiny model).
+    banned = {*config["eos_token_id"], tokenizer.convert_tokens_to_ids("<turn|>")}
+    endless = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Go on and on."}],
+        "max_tokens": 4000,
+        "temperature": 0,
+        "logit_bias": {str(token): -100 for token in banned},
+    }
+
+    def short() -> float:
+        started = time.perf_counter()
+        assert endpoint.chat("Say hi.", prefix="/long", max_tokens=8).status_code == 200
+        return time.perf_counter() - started
+
+    def time_out() -> None:
+        with pytest.raises(httpx.ReadTimeout):
+            endpoint.http.post("/long/v1/chat/completions", json=endless, timeout=0.5)
+
+    def close_stream() -> None:
+        with endpoint.http.stream("POST", "/long/v1/chat/completions", json={**endless, "stream": True}) as response:
+            assert next(response.iter_lines())
+
+    spec = build_spec(LONG)
+    serve.run(build_app(spec), name=spec.app_name, route_prefix=spec.route_prefix)
+    try:
+        idle = sorted(short() for _ in range(3))[1]
+        for leave in (time_out, close_stream):
+            after = []
+            for _ in range(3):
+                leave()
+                after.append(short())
+            assert sorted(after)[1] <= 2 * idle, (leave.__name__, after, idle)
+    finally:
+        serve.delete(spec.app_name)
+
+
 def test_overload_answers_503_with_retry_after(endpoint):
     assert _wait_for_replicas(lambda n: n == 1, 60) == 1
     body = {
