@@ -431,6 +431,7 @@ def test_a_client_that_leaves_stops_its_generation(endpoint, tokenizer, tiny_dir
 
     spec = build_spec(LONG)
     serve.run(build_app(spec), name=spec.app_name, route_prefix=spec.route_prefix)
+    wait_until_ready(endpoint.base + spec.route_prefix)
     try:
         idle = sorted(short() for _ in range(3))[1]
         for leave in (time_out, close_stream):
