@@ -47,6 +47,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_ready(base: str, timeout_s: float = 600.0) -> None:
+    """Serve has the app running before the model replica's weights load: wait for /health/ready."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=base, timeout=30, trust_env=False) as http:
+        while http.get("/health/ready").status_code != 200:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the endpoint was not ready within {timeout_s:g} s")
+            time.sleep(0.2)
+
+
 def percentile_ms(values: list[float], q: float) -> float:
     import numpy as np
 
@@ -208,6 +220,7 @@ def main() -> int:
     try:
         log("deploying the endpoint, batching on")
         serve.run(build_app(spec_on), name="bench", logging_config={"log_level": "WARNING"})
+        wait_ready(f"http://127.0.0.1:{port}")
         engine, prepared = load_engine(spec_on, body)
         log(f"concurrency 1: {args.requests} requests, engine alone and endpoint in turn")
         baseline, endpoint, overheads, parts, result = interleaved(engine, prepared, url, body, args.requests)
@@ -234,6 +247,7 @@ def main() -> int:
 
         log("redeploying with batching off")
         serve.run(build_app(spec_off), name="bench", logging_config={"log_level": "WARNING"})
+        wait_ready(f"http://127.0.0.1:{port}")
         asyncio.run(run_load(url, body, concurrency=args.concurrency, requests=2 * args.concurrency))
         log(f"concurrency {args.concurrency}, batching off, {args.duration_s:g} s")
         unbatched = asyncio.run(run_load(url, body, concurrency=args.concurrency, duration_s=args.duration_s))

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 
 from ray import serve
-from ray.serve.config import BackpressureConfig
+from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
 from pipelines.cluster import connect as join_or_start
 from pipelines.environment import forwarded_env  # API keys travel as digests, never as plain env values
 from pipelines.preflight import cluster_address
 from serving.auth import Authenticator, configured_digests
+from serving.routing import ROUTER_CLASS, ROUTING_STATS_PERIOD_S
 from serving.spec import ServeSpec, build_spec, load_spec
 
 INGRESS_NAME = "Ingress"
@@ -83,6 +84,10 @@ def build_app(spec: ServeSpec):
         health_check_period_s=10,
         health_check_timeout_s=60,
         graceful_shutdown_timeout_s=30,
+        # Replicas come up before their model has loaded: requests go to loaded ones while there are any.
+        request_router_config=RequestRouterConfig(
+            request_router_class=ROUTER_CLASS, request_routing_stats_period_s=ROUTING_STATS_PERIOD_S
+        ),
     )
     ingress = serve.deployment(serve.ingress()(Ingress)).options(
         name=INGRESS_NAME,

@@ -27,8 +27,16 @@ class ModelBackend(Protocol):
     async def ready(self, timeout_s: float) -> dict | None: ...
 
 
-def _reply_error(status: int, message: str, code: str) -> APIError:
-    return APIError(status, message, type=SERVER if status >= 500 else "invalid_request_error", code=code)
+# A replica whose weights are still loading answers at once with this code; waiting helps, so it comes with
+# Retry-After. ("model_not_loaded": the load failed, and waiting will not help.)
+MODEL_LOADING = "model_loading"
+
+
+def _reply_error(status: int, message: str, code: str, retry_after_s: int) -> APIError:
+    headers = {"Retry-After": str(retry_after_s)} if code == MODEL_LOADING else None
+    return APIError(
+        status, message, type=SERVER if status >= 500 else "invalid_request_error", code=code, headers=headers
+    )
 
 
 class ServeModelBackend:
@@ -69,7 +77,7 @@ class ServeModelBackend:
         finally:
             self.metrics.queue_depth.dec()
         if reply.error is not None:
-            raise _reply_error(reply.error.status, reply.error.message, reply.error.code)
+            raise _reply_error(reply.error.status, reply.error.message, reply.error.code, self.retry_after_s)
         self.metrics.observe_batch(reply.batch_size, reply.queued_s)
         return reply
 
@@ -79,6 +87,9 @@ class ServeModelBackend:
             events = self.handle.options(stream=True).stream.remote(request)
             try:
                 async for event in events:
+                    error = event.get("error")
+                    if error and error["code"] == MODEL_LOADING:  # the only event: answered with its status
+                        raise _reply_error(error["status"], error["message"], error["code"], self.retry_after_s)
                     yield event
             except Exception as exc:
                 mapped = self._overload(exc)
@@ -89,6 +100,8 @@ class ServeModelBackend:
             self.metrics.queue_depth.dec()
 
     async def ready(self, timeout_s: float) -> dict | None:
+        """The model deployment's `ready()` (a loading replica answers at once), or None when no replica answers
+        within `timeout_s`: none is up yet, or every one is busy."""
         response = self.handle.ready.remote()
         try:
             return await asyncio.wait_for(response, timeout_s)

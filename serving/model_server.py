@@ -7,8 +7,9 @@ reaches the ingress as its own error with its status, whatever Ray does to excep
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -46,36 +47,63 @@ def model_error(exc: BaseException) -> ModelError:
 
 
 class ModelServer:
-    def __init__(self, spec: dict, engine=None) -> None:
+    """One model replica. Its weights load in a background thread, so that the replica is up at once: while they
+    load, readiness says so and requests are answered 503 `model_loading` (with Retry-After at the ingress) instead
+    of waiting, and Serve's health check passes."""
+
+    def __init__(self, spec: dict, engine=None, *, loader: Callable[[], object] | None = None) -> None:
         self.spec = ServeSpec.model_validate(spec)
         threads = self.spec.resources.model.torch_threads or max(1, int(self.spec.resources.model.num_cpus))
         import torch
 
         torch.set_num_threads(threads)
-        started = time.perf_counter()
+        self.engine = None
+        self.replica: Replica | None = None
         self.load_error: str | None = None
+        self.load_s: float | None = None  # set when the load is over, failed or not
+        self._load_started = time.perf_counter()
+        if engine is not None:
+            self._load(lambda: engine)
+        else:
+            load = loader or (lambda: open_engine(self.spec.model, self.spec.engine))
+            threading.Thread(target=self._load, args=(load,), name="model-load", daemon=True).start()
+
+    def _load(self, load: Callable[[], object]) -> None:
+        engine = None
         try:
-            self.engine = engine if engine is not None else open_engine(self.spec.model, self.spec.engine)
-        except Exception as exc:
+            engine = load()
+        except BaseException as exc:
             # A model that cannot load (missing files, missing extra) will not load on a retry either: the replica
             # stays up and says why, in its log, in /health/ready and in every answer, rather than Serve's bare
             # "failed to update the deployments" after endless restarts.
-            self.engine = None
             self.load_error = f"the model {self.spec.model_id!r} could not load: {explain(exc)}"
             log.error("%s", self.load_error)
-        self.load_s = time.perf_counter() - started
         # Concurrent requests become full engine batches (transformers), or go straight into vLLM's scheduler.
         self.replica = Replica(
-            self.engine,
+            engine,
             self.spec.engine,
             max_batch_size=self.spec.batching.max_batch_size,
             max_wait_s=self.spec.batching.batch_wait_timeout_s,
         )
+        self.engine = engine
+        self.load_s = time.perf_counter() - self._load_started  # last: the replica answers from here on
+        if engine is not None:
+            log.info("the model %r loaded in %.1f s", self.spec.model_id, self.load_s)
+
+    @property
+    def loading(self) -> bool:
+        return self.load_s is None
+
+    def _loading_message(self) -> str:
+        elapsed = time.perf_counter() - self._load_started
+        return f"the model {self.spec.model_id!r} is loading ({elapsed:.0f} s so far); retry later"
 
     # ---- generation ----
 
     async def generate(self, request: PreparedRequest) -> ModelReply:
         started = time.perf_counter()
+        if self.loading:
+            return ModelReply(error=ModelError(503, self._loading_message(), "model_loading"))
         if self.load_error:
             return ModelReply(error=ModelError(503, self.load_error, "model_not_loaded"))
         try:
@@ -92,6 +120,9 @@ class ModelServer:
         """{"delta": text} events, then {"finish_reason", "output_tokens"}; or one {"error": {...}}."""
         scanner = StopScanner(request.sampling.stop)
         text: list[str] = []
+        if self.loading:
+            yield {"error": {"status": 503, "message": self._loading_message(), "code": "model_loading"}}
+            return
         if self.load_error:
             yield {"error": {"status": 503, "message": self.load_error, "code": "model_not_loaded"}}
             return
@@ -134,11 +165,21 @@ class ModelServer:
     # ---- lifecycle ----
 
     async def ready(self) -> dict:
+        if self.loading:
+            elapsed = time.perf_counter() - self._load_started
+            return {"model": self.spec.model_id, "loading": True, "elapsed_s": round(elapsed, 3)}
         if self.load_error:
             return {"model": self.spec.model_id, "error": self.load_error}
         return {"model": self.spec.model_id, "load_s": round(self.load_s, 3), "queue_depth": self.replica.depth}
 
+    def record_routing_stats(self) -> dict:
+        """What Serve's request router reads (serving/routing.py): replicas still loading get no traffic while
+        others can take it."""
+        return {"loading": self.loading, "failed": self.load_error is not None}
+
     def check_health(self) -> None:
+        # Passes while the model loads (failing would make Serve replace the replica and start the load over),
+        # and after a load failure (the replica stays up to report it).
         if self.engine is not None and not self.replica.healthy:
             raise RuntimeError(f"the model replica failed: {self.replica.fatal}")
         if self.engine is not None and not self.engine.health():

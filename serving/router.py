@@ -284,18 +284,31 @@ def build_api(
 
     @app.get("/health/ready")
     async def ready():
+        # Never waits on the model: a loading replica answers at once, and no answer within READY_TIMEOUT_S (no
+        # model replica up yet, or none free) counts as not ready.
         info = await backend.ready(READY_TIMEOUT_S)
-        metrics.model_ready.set(1 if info else 0)
-        if info is None:
-            return JSONResponse(
-                {"status": "loading", "model": spec.model_id},
-                status_code=503,
-                headers={"Retry-After": str(spec.limits.retry_after_s)},
-            )
-        if info.get("error"):  # the model could not load: say why, no Retry-After (waiting will not help)
-            metrics.model_ready.set(0)
-            return JSONResponse({"status": "failed", **info}, status_code=503)
-        return {"status": "ready", **info}
+        ready = bool(info) and not info.get("loading") and not info.get("error")
+        metrics.model_ready.set(1 if ready else 0)
+        if ready:
+            return {"status": "ready", **info}
+        if info and info.get("error"):  # the model could not load: say why, no Retry-After (waiting will not help)
+            error = APIError(503, info["error"], type=SERVER, code="model_not_loaded")
+            return JSONResponse({"status": "failed", "model": spec.model_id, **error.body()}, status_code=503)
+        if info:
+            message = f"the model {spec.model_id!r} is loading ({info.get('elapsed_s', 0):.0f} s so far)"
+        else:
+            message = f"no model replica answered within {READY_TIMEOUT_S:g} s: the model is starting"
+        error = APIError(503, message, type=SERVER, code="model_loading")
+        return JSONResponse(
+            {
+                "status": "loading",
+                "model": spec.model_id,
+                **({"elapsed_s": info["elapsed_s"]} if info else {}),
+                **error.body(),
+            },
+            status_code=503,
+            headers={"Retry-After": str(spec.limits.retry_after_s)},
+        )
 
     @app.get("/metrics")
     async def prometheus():

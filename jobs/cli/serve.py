@@ -77,13 +77,24 @@ def serve_command(
 
 
 def _model_load_error(spec) -> str | None:
-    """What a model replica reports when its model could not load (the replica stays up to say it)."""
+    """Waits for a model replica's model to load; what it reports when it could not (the replica stays up to say
+    it). Replicas load in the background, so Serve has the app running before the model is ready."""
+    import time
+
     from ray import serve
 
     from serving.app import MODEL_NAME
 
-    info = serve.get_deployment_handle(MODEL_NAME, spec.app_name).ready.remote().result(timeout_s=120)
-    return info.get("error")
+    handle = serve.get_deployment_handle(MODEL_NAME, spec.app_name)
+    said = False
+    while True:
+        info = handle.ready.remote().result(timeout_s=120)
+        if not info.get("loading"):
+            return info.get("error")
+        if not said:
+            typer.echo(f"Loading the model {spec.model_id!r} ...", err=True)
+            said = True
+        time.sleep(1.0)
 
 
 def _interrupt(signum, frame) -> None:

@@ -20,6 +20,9 @@ SERVE_IMPORT_PATH = "serving.app:app_builder"
 # serving.app's deployment names (MODEL_NAME, INGRESS_NAME): the ingress calls the model by name.
 MODEL_DEPLOYMENT = "Model"
 INGRESS_DEPLOYMENT = "Ingress"
+# serving.routing's request router for the model deployment and its routing-stats period.
+MODEL_ROUTER_CLASS = "serving.routing.LoadedReplicasFirst"
+MODEL_ROUTING_STATS_PERIOD_S = 1.0
 
 
 def _deployment(**options) -> dict:
@@ -39,6 +42,10 @@ def deployments(spec: ServeSpec) -> list[dict]:
         graceful_shutdown_timeout_s=30,
         health_check_period_s=10,
         health_check_timeout_s=60,
+        request_router_config={
+            "request_router_class": MODEL_ROUTER_CLASS,
+            "request_routing_stats_period_s": MODEL_ROUTING_STATS_PERIOD_S,
+        },
         ray_actor_options={"num_cpus": spec.resources.model.num_cpus, "num_gpus": spec.resources.model.num_gpus},
     )
     ingress = _deployment(

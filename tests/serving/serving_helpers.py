@@ -7,6 +7,7 @@ import asyncio
 import base64
 import io
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -97,6 +98,15 @@ class _Method:
     def remote(self, *args):
         result = self.function(*args)
         return result if self.streaming else _Call(result)
+
+
+def loaded(server, timeout_s: float = 120.0):
+    """The model server once its background load is over (loaded or failed)."""
+    deadline = time.monotonic() + timeout_s
+    while server.loading:
+        assert time.monotonic() < deadline, f"the model did not load within {timeout_s:g} s"
+        time.sleep(0.05)
+    return server
 
 
 class InProcessHandle:

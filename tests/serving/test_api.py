@@ -10,7 +10,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 from openai_schema import async_response_hook, check, response_hook
-from serving_helpers import InProcessHandle, data_url, png
+from serving_helpers import InProcessHandle, data_url, loaded, png
 
 from serving.auth import Authenticator
 from serving.metrics import Metrics
@@ -35,7 +35,7 @@ def spec(tiny_dir):
 
 @pytest.fixture(scope="module")
 def client(spec, tokenizer):
-    server = ModelServer(spec.model_dump(mode="json"))
+    server = loaded(ModelServer(spec.model_dump(mode="json")))
     metrics = Metrics()
     backend = ServeModelBackend(InProcessHandle(server), metrics, retry_after_s=1, timeout_s=60)
     api = build_api(spec, backend, tokenizer, authenticator=Authenticator([]), metrics=metrics)
@@ -557,14 +557,78 @@ def test_a_model_that_cannot_load_says_why_in_readiness_and_answers(tiny_dir, to
     shutil.copytree(tiny_dir, broken, ignore=shutil.ignore_patterns("*.safetensors", "assistant"))
     spec = build_spec({**SPEC, "model": {"name": str(broken)}})
     with caplog.at_level("ERROR", logger="serving.model_server"):
-        server = ModelServer(spec.model_dump(mode="json"))  # the replica stays up to report the cause
+        server = loaded(ModelServer(spec.model_dump(mode="json")))  # the replica stays up to report the cause
     assert any("could not load" in r.getMessage() for r in caplog.records)
+    server.check_health()  # passes: Serve keeps the replica, which says why
+    assert server.record_routing_stats() == {"loading": False, "failed": True}
     metrics = Metrics()
     backend = ServeModelBackend(InProcessHandle(server), metrics, retry_after_s=1, timeout_s=60)
     api = build_api(spec, backend, tokenizer, authenticator=Authenticator([]), metrics=metrics)
     with TestClient(api) as test_client:
         ready = test_client.get("/health/ready")
-        assert ready.status_code == 503 and ready.json()["status"] == "failed"
-        assert "could not load" in ready.json()["error"] and str(broken) in ready.json()["error"]
+        assert ready.status_code == 503 and ready.json()["status"] == "failed" and "retry-after" not in ready.headers
+        error = ready.json()["error"]
+        assert error["code"] == "model_not_loaded" and "could not load" in error["message"]
+        assert str(broken) in error["message"]
         answer = chat(test_client, "Hello", model=str(broken))
         assert answer.status_code == 503 and "could not load" in answer.json()["error"]["message"]
+        assert answer.json()["error"]["code"] == "model_not_loaded" and "retry-after" not in answer.headers
+
+
+def test_while_the_model_loads_readiness_and_requests_answer_503_at_once(spec, tokenizer):
+    """The replica is up before its weights load (in a background thread): readiness and requests answer 503
+    `model_loading` with Retry-After at once, Serve's health check passes; once loaded, everything serves."""
+    import threading
+    import time
+
+    from pipelines.replica import open_engine
+
+    release = threading.Event()
+
+    def slow_load():  # the real load, held back until the test has seen the loading answers
+        assert release.wait(120)
+        return open_engine(spec.model, spec.engine)
+
+    server = ModelServer(spec.model_dump(mode="json"), loader=slow_load)
+    metrics = Metrics()
+    backend = ServeModelBackend(InProcessHandle(server), metrics, retry_after_s=1, timeout_s=60)
+    api = build_api(spec, backend, tokenizer, authenticator=Authenticator([]), metrics=metrics)
+    streamed = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True}
+    with TestClient(api) as test_client:
+        test_client.event_hooks = {"response": [response_hook]}
+        assert server.loading
+        started = time.perf_counter()
+        ready = test_client.get("/health/ready")
+        assert time.perf_counter() - started < 0.5
+        assert ready.status_code == 503 and ready.headers["retry-after"] == "1"
+        body = ready.json()
+        assert body["status"] == "loading" and body["model"] == "tiny" and body["elapsed_s"] >= 0
+        assert body["error"]["code"] == "model_loading" and "loading" in body["error"]["message"]
+        check("ErrorResponse", {"error": body["error"]})
+        server.check_health()  # passes while loading: Serve must not replace the replica
+        assert server.record_routing_stats() == {"loading": True, "failed": False}  # serving/routing.py
+
+        started = time.perf_counter()
+        answer = chat(test_client, "Hello")
+        assert time.perf_counter() - started < 0.5
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+        assert answer.json()["error"]["code"] == "model_loading"
+        stream = test_client.post("/v1/chat/completions", json=streamed)
+        assert stream.status_code == 503 and stream.headers["retry-after"] == "1"
+        assert stream.json()["error"]["code"] == "model_loading"
+        assert "gemma_unified_model_ready 0.0" in test_client.get("/metrics").text
+
+        release.set()
+        loaded(server)
+        ready = test_client.get("/health/ready")
+        assert ready.status_code == 200 and ready.json()["status"] == "ready" and ready.json()["load_s"] > 0
+        server.check_health()
+        assert server.record_routing_stats() == {"loading": False, "failed": False}
+        first = chat(test_client, "Hello")  # the first request after the load
+        assert first.status_code == 200, first.text
+        assert first.json()["usage"]["completion_tokens"] >= 1
+        with test_client.stream("POST", "/v1/chat/completions", json=streamed) as response:
+            assert response.status_code == 200
+            events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and len(events) > 2
+        assert "gemma_unified_model_ready 1.0" in test_client.get("/metrics").text

@@ -66,6 +66,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_until_ready(base: str, timeout_s: float = 180.0) -> None:
+    """Serve has the app running before the model replicas' weights load: wait for /health/ready."""
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=base, timeout=30, trust_env=False) as http:
+        while (status := http.get("/health/ready").status_code) != 200:
+            assert status in (404, 503) and time.monotonic() < deadline, f"/health/ready answered {status}"
+            time.sleep(0.2)
+
+
 class Endpoint:
     def __init__(self, port: int) -> None:
         self.base = f"http://127.0.0.1:{port}"
@@ -109,7 +118,10 @@ def endpoint(ray_cluster):  # the session's one Ray instance (tests/conftest.py)
         serve.run(build_app(secured), name=secured.app_name, route_prefix=secured.route_prefix)
     finally:
         del os.environ["GEMMA_UNIFIED_API_KEYS"]
-    yield Endpoint(port)
+    endpoint = Endpoint(port)
+    wait_until_ready(endpoint.base)
+    wait_until_ready(endpoint.base + secured.route_prefix)
+    yield endpoint
     serve.shutdown()
 
 
@@ -419,6 +431,7 @@ def test_a_client_that_leaves_stops_its_generation(endpoint, tokenizer, tiny_dir
 
     spec = build_spec(LONG)
     serve.run(build_app(spec), name=spec.app_name, route_prefix=spec.route_prefix)
+    wait_until_ready(endpoint.base + spec.route_prefix)
     try:
         for leave in (time_out, close_stream):
             # Idle and after in turn, so both see the same background load; medians of five.

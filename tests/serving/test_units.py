@@ -245,3 +245,19 @@ def test_one_bad_request_fails_alone_in_a_batch():
     assert [r.error is None for r in replies] == [True, True, False, True, True]
     assert replies[2].error.status == 400 and "bad request" in replies[2].error.message
     assert replies[1].batch_size == 4 and engine.calls[:2] == [1, 4]
+
+
+def test_requests_go_to_replicas_whose_model_has_loaded_while_there_are_any():
+    from types import SimpleNamespace
+
+    from serving.routing import routable
+
+    def replica(**stats):  # the slice of Serve's RunningReplica the router reads: the replica's routing stats
+        return SimpleNamespace(routing_stats=stats)
+
+    loading, unreported = replica(loading=True, failed=False), replica()
+    loaded, failed = replica(loading=False, failed=False), replica(loading=False, failed=True)
+    assert routable([loading, loaded, unreported, failed]) == [loaded]
+    # None has loaded (the endpoint is starting, or every load failed): all of them, which answer with the reason.
+    assert routable([loading, unreported]) == [loading, unreported]
+    assert routable([failed, loading]) == [failed, loading]
