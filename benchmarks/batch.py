@@ -1,6 +1,7 @@
 """End-to-end batch throughput on the tiny model, beside a bare single-process loop, and driver memory vs input size.
 
-    python benchmarks/batch.py [--items 300] [--new-tokens 16 128] [--memory-items 300 3000 | --no-memory]
+    python benchmarks/batch.py [--items 300] [--new-tokens 16 128] [--memory-items 300 3000]
+                               [--no-memory | --memory-only]
 
 The bare loop reads, prepares and generates the same items in one process (batches of 8, all cores to torch). The
 pipeline runs the real Ray Data job (CPU prepare tasks on one core overlapping one model actor on the others, several
@@ -9,8 +10,8 @@ Ray Data batches in flight that the replica runtime re-batches). Each output len
 Items/s are reported over the model replica's span (its first unit to its last result: steady state, like the bare
 loop, whose model is loaded before its clock starts), without Ray's start-up and listing (the actor's start and
 model load included), and for the whole job. Engine busy: time generating / time from the first item to the last
-result; mean batch: requests per engine call. Driver memory is the peak RSS growth of this process while a job over
-N objects runs.
+result; mean batch: requests per engine call. Driver memory is the peak RSS growth of a fresh driver process (one per
+row) while a job over N objects runs; the marginal KB per object is the growth between the two sizes.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
     sys.path[0] = os.path.dirname(sys.path[0])
 
 import argparse
+import json
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -148,93 +151,122 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=300)
     parser.add_argument("--memory-items", type=int, nargs=2, default=[300, 3000])
     parser.add_argument("--no-memory", action="store_true", help="Leave out the driver memory table.")
+    parser.add_argument("--memory-only", action="store_true", help="Only the driver memory table.")
+    parser.add_argument("--memory-row", nargs=3, help=argparse.SUPPRESS)  # count, input folder, output folder
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[16, 128])
     args = parser.parse_args()
+    if args.memory_row:
+        count, folder, output = args.memory_row
+        memory_row(int(count), Path(folder), Path(output))
+        return
     console = Console(width=140)
     root = Path(tempfile.mkdtemp(prefix="gemma-unified-bench-"))
     media = MediaSpec(max_soft_tokens=70)
     try:
-        make_images(root / "items", args.items, (480, 640))
-        table = Table(
-            title=f"Batch pipeline vs bare loop: {args.items} JPEG 640x480 captions, tiny model, {os.cpu_count()} cores"
-        )
-        for column in ("new tokens", "run", "wall s", "items/s", "vs bare loop", "engine busy", "mean batch"):
-            table.add_column(column, justify="right")
-        for new_tokens in args.new_tokens:
-            task = TaskSpec(task="caption", max_new_tokens=new_tokens)
-            before = bare_loop(root / "items", task, media, args.batch)
-            summary, _ = pipeline(root / "items", root / "out", task, media, args.batch)
-            # The bare loop runs before and after the pipeline; the faster run is the baseline (on a shared machine
-            # a burst of other load can slow one run several times over).
-            bare_s, count, bare_busy = min(before, bare_loop(root / "items", task, media, args.batch))
-            assert summary.succeeded == count, summary
-            bare_rate = count / bare_s
-            run_s = summary.timings["run_s"]
-            busy, batch = _share(summary.busy_fraction), _mean(summary.mean_batch_size)
-            table.add_row(
-                str(new_tokens),
-                "bare loop (one process, best of 2)",
-                f"{bare_s:.1f}",
-                f"{bare_rate:.2f}",
-                "1.00x",
-                _share(bare_busy),
-                f"{args.batch}",
-            )
-            table.add_row(
-                "",
-                "pipeline, excluding Ray start-up and listing",
-                f"{run_s:.1f}",
-                f"{count / run_s:.2f}",
-                f"{count / run_s / bare_rate:.2f}x",
-                busy,
-                batch,
-            )
-            span_s = summary.engine["span_s"]  # one replica: its first unit to its last result
-            table.add_row(
-                "",
-                "pipeline, the model replica's span",
-                f"{span_s:.1f}",
-                f"{count / span_s:.2f}",
-                f"{count / span_s / bare_rate:.2f}x",
-                busy,
-                batch,
-            )
-            table.add_row(
-                "",
-                "pipeline, whole job",
-                f"{summary.wall_s:.1f}",
-                f"{count / summary.wall_s:.2f}",
-                f"{count / summary.wall_s / bare_rate:.2f}x",
-                busy,
-                batch,
-            )
-            first = summary.timings.get("first_result_s", 0)
-            console.print(
-                f"{new_tokens} new tokens: first result after {first:.1f} s "
-                "(Ray start-up, listing, worker imports and the model actor's load)"
-            )
-            import ray
-
-            ray.shutdown()  # each job starts its own local instance
-        console.print(table)
-        if args.no_memory:
-            return
-
-        memory = Table(title="Driver memory as the input grows (1 new token, 70-token images, 96x96 JPEGs)")
-        for column in ("input objects", "driver peak RSS growth MB", "wall s"):
-            memory.add_column(column, justify="right")
-        small = TaskSpec(task="caption", max_new_tokens=1)
-        for count in args.memory_items:
-            folder = root / f"memory-{count}"
-            make_images(folder, count, (96, 96))
-            result, growth = pipeline(folder, root / f"memory-out-{count}", small, media, 64)
-            assert result.succeeded == count, result
-            memory.add_row(str(count), f"{growth:.0f}", f"{result.wall_s:.1f}")
-            shutil.rmtree(folder)
-        console.print(memory)
+        if not args.memory_only:
+            throughput(root, args, media, console)
+        if not args.no_memory:
+            driver_memory(root, args.memory_items, console)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def throughput(root: Path, args, media: MediaSpec, console: Console) -> None:
+    make_images(root / "items", args.items, (480, 640))
+    table = Table(
+        title=f"Batch pipeline vs bare loop: {args.items} JPEG 640x480 captions, tiny model, {os.cpu_count()} cores"
+    )
+    for column in ("new tokens", "run", "wall s", "items/s", "vs bare loop", "engine busy", "mean batch"):
+        table.add_column(column, justify="right")
+    for new_tokens in args.new_tokens:
+        task = TaskSpec(task="caption", max_new_tokens=new_tokens)
+        before = bare_loop(root / "items", task, media, args.batch)
+        summary, _ = pipeline(root / "items", root / "out", task, media, args.batch)
+        # The bare loop runs before and after the pipeline; the faster run is the baseline (on a shared machine
+        # a burst of other load can slow one run several times over).
+        bare_s, count, bare_busy = min(before, bare_loop(root / "items", task, media, args.batch))
+        assert summary.succeeded == count, summary
+        bare_rate = count / bare_s
+        run_s = summary.timings["run_s"]
+        busy, batch = _share(summary.busy_fraction), _mean(summary.mean_batch_size)
+        table.add_row(
+            str(new_tokens),
+            "bare loop (one process, best of 2)",
+            f"{bare_s:.1f}",
+            f"{bare_rate:.2f}",
+            "1.00x",
+            _share(bare_busy),
+            f"{args.batch}",
+        )
+        table.add_row(
+            "",
+            "pipeline, excluding Ray start-up and listing",
+            f"{run_s:.1f}",
+            f"{count / run_s:.2f}",
+            f"{count / run_s / bare_rate:.2f}x",
+            busy,
+            batch,
+        )
+        span_s = summary.engine["span_s"]  # one replica: its first unit to its last result
+        table.add_row(
+            "",
+            "pipeline, the model replica's span",
+            f"{span_s:.1f}",
+            f"{count / span_s:.2f}",
+            f"{count / span_s / bare_rate:.2f}x",
+            busy,
+            batch,
+        )
+        table.add_row(
+            "",
+            "pipeline, whole job",
+            f"{summary.wall_s:.1f}",
+            f"{count / summary.wall_s:.2f}",
+            f"{count / summary.wall_s / bare_rate:.2f}x",
+            busy,
+            batch,
+        )
+        first = summary.timings.get("first_result_s", 0)
+        console.print(
+            f"{new_tokens} new tokens: first result after {first:.1f} s "
+            "(Ray start-up, listing, worker imports and the model actor's load)"
+        )
+        import ray
+
+        ray.shutdown()  # each job starts its own local instance
+    console.print(table)
+
+
+def driver_memory(root: Path, counts: list[int], console: Console) -> None:
+    """Each row runs in a fresh process (imports done, no Ray yet): rows start from the same state, so their
+    difference is what the extra objects cost, not what an earlier job left allocated or freed."""
+    memory = Table(title="Driver memory as the input grows (1 new token, 70-token images, 96x96 JPEGs)")
+    for column in ("input objects", "driver peak RSS growth MB", "wall s"):
+        memory.add_column(column, justify="right")
+    rows = []
+    for count in counts:
+        folder = root / f"memory-{count}"
+        make_images(folder, count, (96, 96))
+        command = [sys.executable, __file__, "--memory-row", str(count), str(folder), str(root / f"memory-out-{count}")]
+        answer = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
+        growth, wall = json.loads(answer.strip().splitlines()[-1])
+        rows.append((count, growth))
+        memory.add_row(str(count), f"{growth:.0f}", f"{wall:.1f}")
+        shutil.rmtree(folder)
+    console.print(memory)
+    (small, low), (large, high) = rows
+    console.print(f"marginal driver memory: {(high - low) * 1024 / (large - small):.2f} KB per object")
+
+
+def memory_row(count: int, folder: Path, output: Path) -> None:
+    """One row of the memory table, in this process: prints [peak RSS growth MB, wall s] as JSON."""
+    import pipelines.batch  # noqa: F401  (imported before the baseline: module code is not per-object memory)
+
+    small = TaskSpec(task="caption", max_new_tokens=1)
+    result, growth = pipeline(folder, output, small, MediaSpec(max_soft_tokens=70), 64)
+    assert result.succeeded == count, result
+    print(json.dumps([growth, result.wall_s]))
 
 
 if __name__ == "__main__":

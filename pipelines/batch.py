@@ -19,7 +19,7 @@ from pipelines.replica import REPLICA_STATS, aggregate
 from pipelines.sources import check_reachable, detect_format, iter_listing
 from pipelines.stitch import stitch_windows
 
-LISTING_PAGE = 10_000
+LISTING_PAGE = 2_000  # rows per listing page: the driver holds one page at a time
 
 logger = logging.getLogger(__name__)
 
@@ -80,26 +80,24 @@ def _write_listing(job: JobSpec, out: OutputDir, run_id: str, skipped: list[str]
 
     folder = out.path("_work", f"listing-{run_id}")
     out.fs.makedirs(folder, exist_ok=True)
-    page, pages = [], 0
+    columns: dict[str, list[str]] = {"id": [], "uri": [], "container": []}  # one page, as columns: no dict per row
+    pages = 0
 
     def flush() -> None:
-        nonlocal page, pages
-        table = pa.table(
-            {
-                "id": pa.array([r["id"] for r in page], pa.string()),
-                "uri": pa.array([r["uri"] for r in page], pa.string()),
-                "container": pa.array([r["container"] for r in page], pa.string()),
-            }
-        )
+        nonlocal pages
+        table = pa.table({name: pa.array(values, pa.string()) for name, values in columns.items()})
         with out.fs.open(f"{folder}/page-{pages:06d}.parquet", "wb") as handle:
             pq.write_table(table, handle)
-        page, pages = [], pages + 1
+        for values in columns.values():
+            values.clear()
+        pages += 1
 
     for row in iter_listing(job.input, skipped):
-        page.append(row)
-        if len(page) >= LISTING_PAGE:
+        for name, values in columns.items():
+            values.append(row[name])
+        if len(columns["id"]) >= LISTING_PAGE:
             flush()
-    if page or not pages:
+    if columns["id"] or not pages:
         flush()
     return folder
 

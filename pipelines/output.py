@@ -61,12 +61,10 @@ class OutputDir:
 
     def read_column(self, folder: str, column: str = "id") -> np.ndarray:
         """One column of every part in a folder, without loading the other columns."""
-        import pyarrow.parquet as pq
-
         values = []
         for part in self.parts(folder):
             with self.fs.open(part, "rb") as handle:
-                values.extend(pq.read_table(handle, columns=[column]).column(column).to_pylist())
+                values.extend(_read_part(handle, [column]).column(column).to_pylist())
         return np.asarray(values, dtype=object)
 
     def count_ids(self, folder: str) -> int:
@@ -79,12 +77,11 @@ class OutputDir:
 
     def read_table(self, folder: str, columns: list[str] | None = None):
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         tables = []
         for part in self.parts(folder):
             with self.fs.open(part, "rb") as handle:
-                tables.append(pq.read_table(handle, columns=columns))
+                tables.append(_read_part(handle, columns))
         return pa.concat_tables(tables) if tables else None
 
     def write_generated(self, table) -> tuple[int, int]:
@@ -193,3 +190,12 @@ class OutputDir:
         if parts:
             logger.info("removed %d error parts under %s: their items are retried", len(parts), self.path(ERRORS))
         return len(parts)
+
+
+def _read_part(handle, columns: list[str] | None):
+    """One Parquet part through a single-file reader. `pq.read_table` builds a dataset (fragment discovery, a thread
+    pool) for every file: over the thousands of small parts of a large job that cost the driver ~0.3 KB of memory
+    per output row at the end of the run, where this reader's cost stays flat."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(handle).read(columns=columns, use_threads=False)
