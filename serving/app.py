@@ -117,7 +117,13 @@ def app_builder(args: dict):
     return build_app(spec)
 
 
-HAPROXY_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# Ray's high-throughput mode (its KubeRay guide pairs the two): HAProxy straight to the ingress replicas, and gRPC
+# between replicas with Serve's router and the user code on each replica's own event loop.
+HAPROXY_ENV = {
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+}
 
 
 def connect(spec: ServeSpec, address: str | None = None, *, num_cpus: int | None = None) -> None:

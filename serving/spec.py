@@ -163,10 +163,11 @@ class HttpSpec(Strict):
     port: int = Field(8000, ge=1, le=65_535, description="Port of the Serve proxy.")
     proxy: Literal["serve", "haproxy"] = Field(
         "serve",
-        description="serve: Ray Serve's HTTP proxy. haproxy: Serve's experimental HAProxy ingress, straight to the "
-        "ingress replicas (RAY_SERVE_ENABLE_DIRECT_INGRESS=1 and RAY_SERVE_ENABLE_HA_PROXY=1): several ms less per "
-        "request. `gemma-unified serve` sets both for a Ray instance it starts; a cluster needs them in every "
-        "node's environment before Ray starts.",
+        description="serve: Ray Serve's HTTP proxy. haproxy: Ray's high-throughput mode, HAProxy straight to the "
+        "ingress replicas and gRPC between replicas (RAY_SERVE_ENABLE_DIRECT_INGRESS=1, RAY_SERVE_ENABLE_HA_PROXY=1, "
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED=1; the haproxy binary on every node): about 10 ms less per request. "
+        "`gemma-unified serve` sets them for a Ray instance it starts; a cluster needs them in every node's "
+        "environment before Ray starts.",
     )
 
 

@@ -48,7 +48,8 @@ def serve_command(
     if on_cluster and spec.http.proxy == "haproxy":
         typer.echo(
             "note: http.proxy=haproxy takes effect only where the cluster's nodes started with "
-            "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 and RAY_SERVE_ENABLE_HA_PROXY=1",
+            "RAY_SERVE_ENABLE_DIRECT_INGRESS=1, RAY_SERVE_ENABLE_HA_PROXY=1 and RAY_SERVE_THROUGHPUT_OPTIMIZED=1 "
+            "(and the haproxy binary)",
             err=True,
         )
     if not on_cluster:  # here the model and the engine's extra must be on this machine: say so before Ray starts
