@@ -8,7 +8,7 @@ import yaml
 
 from jobs.deploy import kuberay, vm
 from jobs.deploy.cluster import ClusterSpec
-from jobs.deploy.serve_config import serve_config
+from jobs.deploy.serve_config import node_env, serve_config
 from jobs.deploy.sizing import vm_groups
 from jobs.deploy.specs import ServeSpec
 from jobs.schedules import ScheduleFile
@@ -71,7 +71,7 @@ def render(
 
     cpu, gpu = vm_groups(serve, batch_jobs, cluster)
     files["vm/cluster.yaml"] = header + yaml.dump(
-        vm.launcher_config(cluster, cpu, gpu, serve=serve is not None),
+        vm.launcher_config(cluster, cpu, gpu, serve=serve is not None, env=node_env(serve) if serve else None),
         Dumper=_ManifestDumper,
         sort_keys=False,
         width=_NO_FOLDING,

@@ -9,7 +9,7 @@ from importlib.metadata import version
 import yaml
 
 from jobs.deploy.cluster import CACHE_MOUNT, CONFIG_MOUNT, METRICS_PORT, ClusterSpec, PodSize
-from jobs.deploy.serve_config import serve_config
+from jobs.deploy.serve_config import node_env, serve_config
 from jobs.deploy.sizing import GroupSize, batch_groups, job_groups, serve_groups
 from jobs.deploy.specs import ServeSpec, cluster_job_spec, looks_secret, refuse_secrets
 from jobs.schedules import ScheduleFile
@@ -56,8 +56,10 @@ def _ray_pod(
     ports: list[dict],
     gpus: int = 0,
     cache: bool = True,
+    extra_env: dict[str, str] | None = None,
 ) -> dict:
     env = [{"name": "GEMMA_UNIFIED_CACHE", "value": f"{CACHE_MOUNT}/gemma-unified"}] if cache else []
+    env += [{"name": name, "value": value} for name, value in (extra_env or {}).items()]
     mounts = [{"name": "shared-mem", "mountPath": "/dev/shm"}]
     # Ray's object store lives in /dev/shm, which container runtimes cap at 64 MiB unless it is a memory volume.
     volumes = [{"name": "shared-mem", "emptyDir": {"medium": "Memory"}}]
@@ -100,6 +102,7 @@ def ray_cluster_spec(
     *,
     serve_port: int | None = None,
     autoscaling: bool = True,
+    env: dict[str, str] | None = None,
 ) -> dict:
     """KubeRay's RayClusterSpec: a CPU head that runs no tasks, a CPU worker group and (if needed) a GPU group."""
     head_ports = [
@@ -121,7 +124,12 @@ def ray_cluster_spec(
             "maxReplicas": cpu.max,
             "rayStartParams": {"num-cpus": str(cpu.ray_cpus), "metrics-export-port": str(METRICS_PORT)},
             "template": _ray_pod(
-                cluster, container="ray-worker", image=cluster.image, size=cluster.cpu_worker, ports=worker_ports
+                cluster,
+                container="ray-worker",
+                image=cluster.image,
+                size=cluster.cpu_worker,
+                ports=worker_ports,
+                extra_env=env,
             ),
         }
     ]
@@ -140,6 +148,7 @@ def ray_cluster_spec(
                     size=cluster.gpu_worker,
                     ports=worker_ports,
                     gpus=cluster.gpu_worker.gpus,
+                    extra_env=env,
                 ),
             }
         )
@@ -150,7 +159,13 @@ def ray_cluster_spec(
             # num-cpus 0: the head keeps the GCS, the Serve controller and job drivers, never tasks or replicas.
             "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0", "metrics-export-port": str(METRICS_PORT)},
             "template": _ray_pod(
-                cluster, container="ray-head", image=cluster.image, size=cluster.head, ports=head_ports, cache=False
+                cluster,
+                container="ray-head",
+                image=cluster.image,
+                size=cluster.head,
+                ports=head_ports,
+                cache=False,
+                extra_env=env,
             ),
         },
         "workerGroupSpecs": workers,
@@ -173,7 +188,7 @@ def ray_service(spec: ServeSpec, cluster: ClusterSpec) -> dict:
         "metadata": _metadata(cluster, cluster.name, "endpoint"),
         "spec": {
             "serveConfigV2": yaml.safe_dump(config, sort_keys=False),
-            "rayClusterConfig": ray_cluster_spec(cluster, cpu, gpu, serve_port=spec.http.port),
+            "rayClusterConfig": ray_cluster_spec(cluster, cpu, gpu, serve_port=spec.http.port, env=node_env(spec)),
         },
     }
 

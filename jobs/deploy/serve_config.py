@@ -23,6 +23,17 @@ INGRESS_DEPLOYMENT = "Ingress"
 # serving.routing's request router for the model deployment and its routing-stats period.
 MODEL_ROUTER_CLASS = "serving.routing.LoadedReplicasFirst"
 MODEL_ROUTING_STATS_PERIOD_S = 1.0
+# serving.app's HAPROXY_ENV: what every Ray node needs in its environment, before Ray starts, for `http.proxy: haproxy`.
+HAPROXY_ENV = {
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+}
+
+
+def node_env(spec: ServeSpec) -> dict[str, str]:
+    """Environment every Ray node of the endpoint's cluster starts with."""
+    return dict(HAPROXY_ENV) if spec.http.proxy == "haproxy" else {}
 
 
 def _deployment(**options) -> dict:

@@ -13,8 +13,16 @@ VM_SERVE_CONFIG = f"{CONFIG_MOUNT}/serve-config.yaml"
 _LOAD_ENV = f"set -a && . {VM_ENV_FILE} && set +a && ulimit -n 65536"
 
 
-def launcher_config(cluster: ClusterSpec, cpu: GroupSize, gpu: GroupSize | None, *, serve: bool = True) -> dict:
-    """`ray up` config on AWS with the same node types as the KubeRay manifests: CPU head, CPU and GPU workers."""
+def launcher_config(
+    cluster: ClusterSpec,
+    cpu: GroupSize,
+    gpu: GroupSize | None,
+    *,
+    serve: bool = True,
+    env: dict[str, str] | None = None,
+) -> dict:
+    """`ray up` config on AWS with the same node types as the KubeRay manifests: CPU head, CPU and GPU workers.
+    `env`: what every node's container starts with (the endpoint's `http.proxy: haproxy` settings, say)."""
     vm = cluster.vm
 
     def node(instance: str) -> dict:
@@ -56,6 +64,7 @@ def launcher_config(cluster: ClusterSpec, cpu: GroupSize, gpu: GroupSize | None,
                 "--ulimit nofile=65536:65536",
                 f"--volume /mnt/{cluster.name}-cache:{CACHE_MOUNT}",
                 f"--env GEMMA_UNIFIED_CACHE={CACHE_MOUNT}/gemma-unified",
+                *(f"--env {name}={value}" for name, value in (env or {}).items()),
             ],
         },
         "available_node_types": node_types,

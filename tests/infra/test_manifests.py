@@ -288,3 +288,27 @@ def test_head_exposes_rays_metrics_ports(manifests):
         assert ports["metrics"] == int(template["metadata"]["annotations"]["prometheus.io/port"])
         if group == "head":
             assert (ports["as-metrics"], ports["dash-metrics"]) == (AUTOSCALER_METRIC_PORT, DASHBOARD_METRIC_PORT)
+
+
+def test_http_proxy_haproxy_starts_every_node_in_rays_high_throughput_mode(serve_spec, cluster):
+    """The endpoint's settings reach every Ray node (head, CPU and GPU workers; on VMs every container) before Ray
+    starts, and they are the ones `gemma-unified serve` sets for a Ray instance it starts."""
+    from jobs.deploy import kuberay, vm
+    from jobs.deploy.serve_config import HAPROXY_ENV, node_env
+    from jobs.deploy.sizing import serve_groups
+    from serving.app import HAPROXY_ENV as STARTED_LOCALLY
+
+    assert HAPROXY_ENV == STARTED_LOCALLY
+    fast = serve_spec.model_copy(update={"http": serve_spec.http.model_copy(update={"proxy": "haproxy"})})
+    assert node_env(serve_spec) == {} and node_env(fast) == HAPROXY_ENV
+
+    def pods(spec) -> list[dict]:
+        config = kuberay.ray_service(spec, cluster)["spec"]["rayClusterConfig"]
+        groups = [config["headGroupSpec"], *config["workerGroupSpecs"]]
+        return [{e["name"]: e["value"] for e in g["template"]["spec"]["containers"][0].get("env", [])} for g in groups]
+
+    assert len(pods(fast)) == 3 and all(HAPROXY_ENV.items() <= env.items() for env in pods(fast))
+    assert not any(HAPROXY_ENV.keys() & env.keys() for env in pods(serve_spec))
+    cpu, gpu = serve_groups(fast, cluster)
+    options = vm.launcher_config(cluster, cpu, gpu, env=node_env(fast))["docker"]["run_options"]
+    assert all(f"--env {name}={value}" in options for name, value in HAPROXY_ENV.items())
