@@ -9,6 +9,10 @@ and `await replica.submit(request)` from their event loop:
   request runs at once; `max_wait_s` optionally holds an idle engine a little longer for a fuller batch. At most
   `max_queued` requests wait; further callers wait for room.
 - vLLM: every request goes straight to the engine as it arrives; vLLM's own scheduler batches at the token level.
+- `stream(request)`: a stream takes the same queue, so concurrent streams (and answers) share engine batches; its
+  row's token ids reach it at every step (`Watch`).
+- A caller that gives up (its task cancelled: a client timeout or disconnect, a closed stream) leaves the queue, or
+  cancels its row, which the engine ends at the next decoding step (vLLM: the request is aborted).
 - A failed batch is generated again one request at a time, so one bad request fails alone (its exception is its
   caller's answer).
 - A fatal error (out of memory, a dead engine: `pipelines.errors.is_fatal`) is no request's fault: `on_fatal` runs
