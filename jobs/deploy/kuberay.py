@@ -116,42 +116,22 @@ def ray_cluster_spec(
     if serve_port is not None:
         head_ports.append(_port("serve", serve_port))
     worker_ports = [_port("metrics", METRICS_PORT)]
-    workers = [
-        {
-            "groupName": "cpu",
-            "replicas": cpu.initial,
-            "minReplicas": cpu.min,
-            "maxReplicas": cpu.max,
-            "rayStartParams": {"num-cpus": str(cpu.ray_cpus), "metrics-export-port": str(METRICS_PORT)},
+
+    def worker_group(name: str, group: GroupSize, image: str, size: PodSize, gpus: int = 0) -> dict:
+        return {
+            "groupName": name,
+            "replicas": group.initial,
+            "minReplicas": group.min,
+            "maxReplicas": group.max,
+            "rayStartParams": {"num-cpus": str(group.ray_cpus), "metrics-export-port": str(METRICS_PORT)},
             "template": _ray_pod(
-                cluster,
-                container="ray-worker",
-                image=cluster.image,
-                size=cluster.cpu_worker,
-                ports=worker_ports,
-                extra_env=env,
+                cluster, container="ray-worker", image=image, size=size, ports=worker_ports, gpus=gpus, extra_env=env
             ),
         }
-    ]
+
+    workers = [worker_group("cpu", cpu, cluster.image, cluster.cpu_worker)]
     if gpu is not None:
-        workers.append(
-            {
-                "groupName": "gpu",
-                "replicas": gpu.initial,
-                "minReplicas": gpu.min,
-                "maxReplicas": gpu.max,
-                "rayStartParams": {"num-cpus": str(gpu.ray_cpus), "metrics-export-port": str(METRICS_PORT)},
-                "template": _ray_pod(
-                    cluster,
-                    container="ray-worker",
-                    image=cluster.gpu_image,
-                    size=cluster.gpu_worker,
-                    ports=worker_ports,
-                    gpus=cluster.gpu_worker.gpus,
-                    extra_env=env,
-                ),
-            }
-        )
+        workers.append(worker_group("gpu", gpu, cluster.gpu_image, cluster.gpu_worker, cluster.gpu_worker.gpus))
     spec = {
         "rayVersion": version("ray"),
         "enableInTreeAutoscaling": autoscaling,
