@@ -307,6 +307,6 @@ def _run(job: JobSpec, out: OutputDir, previous: dict, header: dict, progress: b
 def _redacted(job: JobSpec) -> dict:
     """The spec without secrets: storage options keep their keys, lose their values."""
     spec = job.model_dump()
-    for section in ("input", "output", "model"):
+    for section in ("input", "output", "model", "remote_media"):
         spec[section]["storage_options"] = {k: "***" for k in spec[section]["storage_options"]}
     return spec

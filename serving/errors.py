@@ -70,7 +70,7 @@ _ITEM_CODES = [
 
 def from_item_error(error: ItemError, param: str | None = None) -> APIError:
     code = next((c for cls, c in _ITEM_CODES if isinstance(error, cls)), getattr(error, "code", "invalid_request"))
-    return APIError(error.http_status, str(error), param=param, code=code)
+    return APIError(error.http_status, str(error), param=param or getattr(error, "param", None), code=code)
 
 
 _UNION_BRANCHES = {"str", "int", "float", "bool", "none", "list", "dict"}
