@@ -79,6 +79,19 @@ class GenerationFailed(ItemError):
     code = "model_error"
 
 
+def error_code(exc: BaseException) -> str:
+    """The code an error row and an OpenAI error body carry for an error: clients branch on it."""
+    if isinstance(exc, LimitExceeded):
+        return "limit_exceeded"
+    if isinstance(exc, DecodeError):
+        return "invalid_media"
+    if isinstance(exc, UnsupportedInput):
+        return "unsupported_media"
+    if isinstance(exc, ItemError):
+        return getattr(exc, "code", "invalid_request")
+    return "internal_error"
+
+
 class ModelSourceError(GemmaUnifiedError):
     """A model cannot be resolved or loaded (missing files, unreachable storage)."""
 

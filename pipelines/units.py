@@ -18,8 +18,19 @@ from pipelines.media.image import PATCH_DIM
 FRAME = 640
 
 # The columns of a prepared unit, besides the arrays `pack` makes: where it comes from, what to do with it, and
-# `error`/`error_stage` (set, with empty arrays, when preparing it failed).
-UNIT_FIELDS = ("id", "item_id", "source", "task", "error", "error_stage", "segments_in", "pages", "window_total")
+# `error`/`error_stage`/`error_code` (set, with empty arrays, when preparing it failed).
+UNIT_FIELDS = (
+    "id",
+    "item_id",
+    "source",
+    "task",
+    "error",
+    "error_stage",
+    "error_code",
+    "segments_in",
+    "pages",
+    "window_total",
+)
 UNIT_ARRAYS = (
     "request_ids",
     "prompt_token_ids",

@@ -11,7 +11,7 @@ import numpy as np
 
 from pipelines.config import JobSpec, MediaSpec
 from pipelines.engines.base import SamplingParams
-from pipelines.errors import DecodeError, ItemError
+from pipelines.errors import DecodeError, ItemError, error_code
 from pipelines.prepare import AUDIO, AudioRequests, check_modality, detect_modality, prepare_item
 from pipelines.prompts import Task, TaskOptions
 from pipelines.stages.base import Stage, StageResources, require_columns, scalar
@@ -127,6 +127,7 @@ class Prepare(Stage):
             "task": self.job.task.task,
             "error": None,
             "error_stage": None,
+            "error_code": None,
             "window_total": None,
         }
         try:
@@ -207,6 +208,7 @@ class Prepare(Stage):
             "task": self.job.task.task,
             "error": message,
             "error_stage": stage,
+            "error_code": error_code(exc),
             "segments_in": "[]",
             "pages": "[]",
             "window_total": None,
