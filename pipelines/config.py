@@ -177,7 +177,7 @@ class ChatLimits(Strict):
 
 class RemoteMediaSpec(Strict):
     allow_object_storage: bool = Field(False, description="Fetch s3://, gs://, az:// image URLs through fsspec.")
-    storage_options: dict[str, str] = Field(default_factory=dict, description="fsspec options for those URLs.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for those URLs.")
     http_allow_list: list[str] = Field(
         default_factory=list,
         max_length=1024,

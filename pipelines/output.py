@@ -66,7 +66,7 @@ class OutputDir:
         values = []
         for part in self.parts(folder):
             with self.fs.open(part, "rb") as handle:
-                values.extend(_read_part(handle, [column]).column(column).to_pylist())
+                values.extend(read_part(handle, [column]).column(column).to_pylist())
         return np.asarray(values, dtype=object)
 
     def count_ids(self, folder: str) -> int:
@@ -83,7 +83,7 @@ class OutputDir:
         tables = []
         for part in self.parts(folder):
             with self.fs.open(part, "rb") as handle:
-                tables.append(_read_part(handle, columns))
+                tables.append(read_part(handle, columns))
         # Parts written before a column existed (error rows before `code`) read with it as null.
         return pa.concat_tables(tables, promote_options="default") if tables else None
 
@@ -195,7 +195,7 @@ class OutputDir:
         return len(parts)
 
 
-def _read_part(handle, columns: list[str] | None):
+def read_part(handle, columns: list[str] | None):
     """One Parquet part through a single-file reader. `pq.read_table` builds a dataset (fragment discovery, a thread
     pool) for every file: over the thousands of small parts of a large job that cost the driver ~0.3 KB of memory
     per output row at the end of the run, where this reader's cost stays flat."""

@@ -13,7 +13,7 @@ from pipelines.output import GENERATED_COLUMNS, RESULT_COLUMNS, OutputDir
 from pipelines.prompts import Task, parse_translation
 from pipelines.replica import REPLICA_STATS
 from pipelines.stages.base import Stage, StageResources, require_columns, scalar, window_total
-from pipelines.units import unpack
+from pipelines.units import CHAT_TASK, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,8 @@ class Generate(Stage):
 
     def _result_row(self, row: dict, results: list[GenerationResult]) -> dict:
         spans = json.loads(row["segments_in"])
-        texts = [r.text.strip() for r in results]
+        # A chat answer is the model's text as the endpoint returns it; task outputs are trimmed for reading.
+        texts = [r.text if row["task"] == CHAT_TASK else r.text.strip() for r in results]
         transcript = translation = None
         if self.task is Task.translate:
             pairs = [parse_translation(t, self.job.task.target_language or "") for t in texts]
