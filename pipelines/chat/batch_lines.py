@@ -10,7 +10,7 @@ from pipelines.chat.media_sources import MediaFetcher
 from pipelines.chat.prepare import ChatPreparer
 from pipelines.config import JobSpec
 from pipelines.engines.base import PreparedRequest
-from pipelines.errors import ItemError, StorageError
+from pipelines.errors import ItemError, LimitExceeded, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,9 @@ def prepare_lines(job: JobSpec, tokenizer, rows: list[dict]) -> list[PreparedReq
     async def one(row: dict, text, gate: asyncio.Semaphore) -> PreparedRequest | Exception:
         if isinstance(text, Exception):
             return text
+        limit = job.chat.limits.max_body_bytes
+        if len(text) > limit:  # a line is one request body: the endpoint's body limit applies to it
+            return LimitExceeded(f"line {row['line']} is {len(text):,} bytes; a request is limited to {limit:,}")
         try:
             async with gate:
                 return await chat.prepare(parse_line(text, int(row["line"])).body)
