@@ -112,7 +112,7 @@ def bare_loop(directory: Path, task: TaskSpec, media: MediaSpec, batch: int) -> 
     return wall, len(files), generating / wall
 
 
-def pipeline(directory: Path, output: Path, task: TaskSpec, media: MediaSpec, batch: int):
+def pipeline(directory: Path, output: Path, task: TaskSpec, media: MediaSpec, batch: int, per_task="auto"):
     from pipelines.batch import run
 
     shutil.rmtree(output, ignore_errors=True)
@@ -129,7 +129,7 @@ def pipeline(directory: Path, output: Path, task: TaskSpec, media: MediaSpec, ba
             num_cpus=cores,
             cpus_per_replica=max(1, cores - 1),
             object_store_mb=1024,
-            items_per_prepare_task=32,
+            items_per_prepare_task=per_task,
         ),
         output=OutputSpec(url=str(output)),
     )
@@ -182,7 +182,7 @@ def throughput(root: Path, args, media: MediaSpec, console: Console) -> None:
     for new_tokens in args.new_tokens:
         task = TaskSpec(task="caption", max_new_tokens=new_tokens)
         before = bare_loop(root / "items", task, media, args.batch)
-        summary, _ = pipeline(root / "items", root / "out", task, media, args.batch)
+        summary, _ = pipeline(root / "items", root / "out", task, media, args.batch, per_task=32)
         # The bare loop runs before and after the pipeline; the faster run is the baseline (on a shared machine
         # a burst of other load can slow one run several times over).
         bare_s, count, bare_busy = min(before, bare_loop(root / "items", task, media, args.batch))
@@ -241,7 +241,10 @@ def throughput(root: Path, args, media: MediaSpec, console: Console) -> None:
 def driver_memory(root: Path, counts: list[int], console: Console) -> None:
     """Each row runs in a fresh process (imports done, no Ray yet): rows start from the same state, so their
     difference is what the extra objects cost, not what an earlier job left allocated or freed."""
-    memory = Table(title="Driver memory as the input grows (1 new token, 70-token images, 96x96 JPEGs)")
+    memory = Table(
+        title="Driver memory as the input grows (1 new token, 70-token images, 96x96 JPEGs, batch 64, "
+        "items_per_prepare_task auto)"
+    )
     for column in ("input objects", "driver peak RSS growth MB", "wall s"):
         memory.add_column(column, justify="right")
     rows = []

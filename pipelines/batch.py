@@ -20,6 +20,7 @@ from pipelines.sources import check_reachable, detect_format, iter_listing
 from pipelines.stitch import stitch_windows
 
 LISTING_PAGE = 2_000  # rows per listing page: the driver holds one page at a time
+DRIVER_MALLOC_ARENAS = 2  # glibc malloc arenas of the driver process, see `limit_malloc_arenas`
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,28 @@ class JobSummary:
         return self.engine.get("mean_batch_size")
 
 
+def limit_malloc_arenas(arenas: int = DRIVER_MALLOC_ARENAS) -> bool:
+    """Cap the driver's glibc malloc arenas (as MALLOC_ARENA_MAX does), unless MALLOC_ARENA_MAX is set.
+
+    Ray Data's threads in the driver allocate and free a few KB per task and block; with glibc's default of 8 arenas
+    per core, the freed memory stays spread over many fragmented arenas and the driver's RSS grows with the number
+    of tasks (about a third of the driver's per-object growth, measured). The driver does no heavy allocation of its
+    own, so fewer arenas cost it nothing. Only this process: Ray's workers keep the default. Returns whether the cap
+    was applied (False off glibc)."""
+    import ctypes
+    import ctypes.util
+
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt)
+        return False
+    m_arena_max = -8  # M_ARENA_MAX in glibc's malloc.h
+    return bool(mallopt(ctypes.c_int(m_arena_max), ctypes.c_int(arenas)))
+
+
 def connect(job: JobSpec) -> None:
     """Join the job's cluster (or RAY_ADDRESS), else start a local instance sized by the job."""
     join_or_start(
@@ -79,21 +102,23 @@ LISTING_COLUMNS = {"id": "string", "uri": "string", "container": "string"}
 BATCH_LISTING_COLUMNS = {**LISTING_COLUMNS, "offset": "int64", "length": "int64", "line": "int64"}
 
 
-def _write_listing(out: OutputDir, run_id: str, rows, schema: dict[str, str]) -> str:
-    """Stream listing rows to Parquet pages under the output, holding one page in memory at a time."""
+def _write_listing(out: OutputDir, run_id: str, rows, schema: dict[str, str]) -> tuple[str, int]:
+    """Stream listing rows to Parquet pages under the output, holding one page in memory at a time. Returns the
+    folder and the number of rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     folder = out.path("_work", f"listing-{run_id}")
     out.fs.makedirs(folder, exist_ok=True)
     columns: dict[str, list] = {name: [] for name in schema}  # one page, as columns: no dict per row
-    pages = 0
+    pages = listed = 0
 
     def flush() -> None:
-        nonlocal pages
+        nonlocal pages, listed
         table = pa.table({name: pa.array(values, pa.type_for_alias(schema[name])) for name, values in columns.items()})
         with out.fs.open(f"{folder}/page-{pages:06d}.parquet", "wb") as handle:
             pq.write_table(table, handle)
+        listed += table.num_rows
         for values in columns.values():
             values.clear()
         pages += 1
@@ -105,7 +130,7 @@ def _write_listing(out: OutputDir, run_id: str, rows, schema: dict[str, str]) ->
             flush()
     if columns["id"] or not pages:
         flush()
-    return folder
+    return folder, listed
 
 
 def _batch_file_rows(job: JobSpec):
@@ -135,6 +160,7 @@ def _batch_file_rows(job: JobSpec):
 
 
 def _read_input(job: JobSpec, out: OutputDir, run_id: str, skipped: list[str]):
+    """The input as a dataset of listing rows, and how many rows it has (None where that would take a read)."""
     import ray.data
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
@@ -142,10 +168,10 @@ def _read_input(job: JobSpec, out: OutputDir, run_id: str, skipped: list[str]):
     if input_format == "manifest":
         return _read_manifest(job)
     if input_format == "openai-batch":
-        folder = _write_listing(out, run_id, _batch_file_rows(job), BATCH_LISTING_COLUMNS)
+        folder, listed = _write_listing(out, run_id, _batch_file_rows(job), BATCH_LISTING_COLUMNS)
     else:
-        folder = _write_listing(out, run_id, iter_listing(job.input, skipped), LISTING_COLUMNS)
-    return ray.data.read_parquet(folder, filesystem=PyFileSystem(FSSpecHandler(out.fs)))
+        folder, listed = _write_listing(out, run_id, iter_listing(job.input, skipped), LISTING_COLUMNS)
+    return ray.data.read_parquet(folder, filesystem=PyFileSystem(FSSpecHandler(out.fs))), listed
 
 
 def _read_manifest(job: JobSpec):
@@ -157,13 +183,18 @@ def _read_manifest(job: JobSpec):
     fs, path = filesystem(job.input.url, job.input.storage_options)
     arrow_fs = PyFileSystem(FSSpecHandler(fs))
     lower = path.lower()
+    rows = None
     if lower.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        with fs.open(path, "rb") as handle:
+            rows = pq.ParquetFile(handle).metadata.num_rows  # the footer: no row is read
         dataset = ray.data.read_parquet(path, filesystem=arrow_fs)
     elif lower.endswith(".csv"):
         dataset = ray.data.read_csv(path, filesystem=arrow_fs)
     else:  # JSON Lines: Arrow's reader takes newline-delimited JSON as is (Ray's lines=True path takes no filesystem)
         dataset = ray.data.read_json(path, filesystem=arrow_fs)
-    return dataset.map_batches(_normalise_manifest, batch_format="pyarrow")
+    return dataset.map_batches(_normalise_manifest, batch_format="pyarrow"), rows
 
 
 def _normalise_manifest(table):
@@ -200,17 +231,45 @@ def _normalise_manifest(table):
     return pa.table(columns)
 
 
-def build(job: JobSpec, dataset, done_ref, generate_stage=None):
+def build(job: JobSpec, dataset, done_ref, generate_stage=None, items: int | None = None):
     """The graph itself, separate from I/O set-up so tests and benchmarks can run it on any dataset (and a
-    `Generate` subclass, e.g. one whose engine injects faults)."""
-    from pipelines.stages import Generate, Prepare, Write, map_batches
+    `Generate` subclass, e.g. one whose engine injects faults). `items`: the listed objects, when known, for
+    `items_per_prepare_task: auto`.
 
+    Two operators: Prepare (CPU tasks) and Generate (the actor pool, which also writes the output parts and returns
+    one stats row per batch)."""
+    import ray
+
+    from pipelines.stages import Generate, Prepare, map_batches
+
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+    per_task = prepare_task_items(job.resources.items_per_prepare_task, items, cpus)
+    logger.info("%s listed objects, %d per prepare task", "unknown" if items is None else items, per_task)
     # Small input blocks let many CPU tasks prepare in parallel and hand units to the model as they are ready.
-    dataset = dataset.repartition(target_num_rows_per_block=job.resources.items_per_prepare_task)
+    dataset = dataset.repartition(target_num_rows_per_block=per_task)
     prepared = map_batches(dataset, Prepare(job, done_ref), Prepare.resources(job))
     generate = (generate_stage or Generate).for_job(job)
-    generated = map_batches(prepared, generate, generate.resources(job))
-    return map_batches(generated, Write(job.output.url, job.output.storage_options), Write.resources(job))
+    return map_batches(prepared, generate, generate.resources(job))
+
+
+# `items_per_prepare_task: auto`: small tasks while a job is small (the model is fed early), then a roughly constant
+# number of tasks up to the largest size. Every Ray Data task and block costs the driver a few KB for the rest of the
+# run, so a job of millions of objects must not split into millions / 16 tasks.
+AUTO_TASK_ITEMS = (16, 256)  # the least and the most items per prepare task
+AUTO_TASKS_PER_CPU = 4  # at least this many tasks per cluster CPU, so large clusters stay busy
+AUTO_MIN_TASKS = 128
+
+
+def prepare_task_items(setting: int | str, items: int | None, cpus: int = 1) -> int:
+    """Items per prepare task: the setting, or for `auto` the listed objects spread over
+    max(128, 4 x cluster CPUs) tasks, between 16 and 256 items each (16 when the count is unknown)."""
+    if setting != "auto":
+        return int(setting)
+    least, most = AUTO_TASK_ITEMS
+    if not items:
+        return least
+    tasks = max(AUTO_MIN_TASKS, AUTO_TASKS_PER_CPU * cpus)
+    return max(least, min(most, -(-items // tasks)))
 
 
 def run(job: JobSpec, *, progress: bool = True, generate_stage=None) -> JobSummary:
@@ -250,6 +309,7 @@ def _run(job: JobSpec, out: OutputDir, previous: dict, header: dict, progress: b
     import ray
 
     started = time.perf_counter()
+    limit_malloc_arenas()  # before Ray's threads start in this process
     if not cluster_address(job.resources.address):  # on a cluster the model and engine live on the workers
         check_local_model(job.model, job.engine)
     done = out.done_ids(job.output.retry_failed)
@@ -261,7 +321,7 @@ def _run(job: JobSpec, out: OutputDir, previous: dict, header: dict, progress: b
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     run_id = uuid.uuid4().hex[:12]
     unsupported: list[str] = []
-    dataset = _read_input(job, out, run_id, unsupported)
+    dataset, listed = _read_input(job, out, run_id, unsupported)
     done_ref = ray.put(done) if len(done) else None
     if len(done):
         logger.info("resuming %s: %d units already in the output are skipped", out.url, len(done))
@@ -270,7 +330,8 @@ def _run(job: JobSpec, out: OutputDir, previous: dict, header: dict, progress: b
     out.clear_replica_failures()
     replicas: dict[str, dict] = {}  # the latest statistics of each model replica
     try:
-        for batch in build(job, dataset, done_ref, generate_stage).iter_batches(batch_size=None, batch_format="numpy"):
+        results = build(job, dataset, done_ref, generate_stage, listed)
+        for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
             for snapshots in batch[REPLICA_STATS]:
                 for snapshot in json.loads(snapshots):
                     seen = replicas.get(snapshot["replica"])

@@ -7,7 +7,7 @@ both places. Every field has a description and a bound; validation happens once,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -253,8 +253,12 @@ class ResourcesSpec(Strict):
         default_factory=dict, description="Custom Ray resources per model actor (e.g. a node label)."
     )
     prepare_concurrency: int | None = Field(None, ge=1, le=100_000, description="Parallel CPU prepare tasks.")
-    items_per_prepare_task: int = Field(
-        16, ge=1, le=10_000, description="Items per CPU prepare task: small keeps results streaming to the model."
+    items_per_prepare_task: Annotated[int, Field(ge=1, le=10_000)] | Literal["auto"] = Field(
+        "auto",
+        description="Items per CPU prepare task: small keeps units streaming to the model, large keeps the driver's "
+        "memory small (each Ray Data task costs it a few KB). auto: 16 up to 2,048 listed objects (or when the "
+        "count is unknown: CSV/JSON manifests), then the objects spread over max(128, 4 x cluster CPUs) tasks, "
+        "at most 256 items each.",
     )
     num_cpus: int | None = Field(None, ge=1, le=100_000, description="CPUs for a local Ray instance.")
     object_store_mb: int = Field(1024, ge=64, le=1_000_000, description="Object store size of a local Ray instance.")

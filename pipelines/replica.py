@@ -40,7 +40,7 @@ from pipelines.errors import FatalEngineError, is_fatal
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_QUEUED = 1024
-# Batch jobs: generated rows carry their replica's statistics (JSON) in this column; Write hands them to the driver.
+# Batch jobs: each model batch's stats row carries its replica's statistics (JSON) to the driver in this column.
 REPLICA_STATS = "replica_stats"
 
 

@@ -354,4 +354,5 @@ def test_tokenization_is_not_fused_into_the_model_actors(ray_cluster, tmp_path, 
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     operators = [line for line in optimized.splitlines() if "Prepare" in line or "Generate" in line]
     assert len(operators) == 2, optimized  # Prepare in CPU tasks, Generate in the actor pool: two operators
+    assert "Write" not in optimized  # the model actors write their own parts: no operator after Generate
     assert "TaskPoolMapOperator" in next(line for line in operators if "Prepare" in line)

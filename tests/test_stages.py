@@ -1,7 +1,8 @@
-"""The Prepare and Write stages called on plain batches, as Ray Data would call them, without Ray."""
+"""The Prepare, Generate and Write stages called on plain batches, as Ray Data would call them, without Ray."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import numpy as np
@@ -11,11 +12,13 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
+from pipelines.batch import prepare_task_items
 from pipelines.config import InputSpec, JobSpec, OutputSpec, TaskSpec
 from pipelines.output import ERROR_COLUMNS, RESULT_COLUMNS
 from pipelines.sources import iter_listing
-from pipelines.stages import Prepare, Write
-from pipelines.units import unpack
+from pipelines.stages import Generate, Prepare, Write
+from pipelines.stages.write import STATS_COLUMNS
+from pipelines.units import to_columns, unpack
 
 
 def _png(path, size=(96, 64)) -> None:
@@ -157,3 +160,40 @@ def test_a_retried_write_replaces_its_own_part(tmp_path):
     Write(str(tmp_path), {})(table.take([1, 0, 2]))  # the same rows in another order, as a retried task may see
     assert len(list((tmp_path / "results").glob("*.parquet"))) == 1
     assert len(list((tmp_path / "errors").glob("*.parquet"))) == 1
+
+
+def test_the_model_actor_writes_its_batch_and_hands_on_one_stats_row(tmp_path, tokenizer):
+    """Generate writes the parts itself: the driver gets one stats row per batch, never the generated rows, and a
+    batch retried on a replacement actor replaces its parts."""
+    source, out = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        _png(source / name)
+    (source / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 40)
+    batch = to_columns(_prepare(source, "caption", tokenizer))
+    job = JobSpec(
+        input=InputSpec(url=str(source)),
+        task=TaskSpec(task="caption"),
+        output=OutputSpec(url=str(out)),
+    )
+    stage = Generate(job)
+
+    async def twice():  # the second call is the same batch again, as Ray retries it after a replaced actor
+        return [await stage(dict(batch)) for _ in range(2)]
+
+    for stats in asyncio.run(twice()):
+        assert tuple(stats) == STATS_COLUMNS and all(len(values) == 1 for values in stats.values())
+        assert (int(stats["succeeded"][0]), int(stats["failed"][0])) == (3, 1) and int(stats["output_tokens"][0]) > 0
+        (replica,) = json.loads(stats["replica_stats"][0])
+        assert replica["requests"] >= 3
+    (results,) = [pq.read_table(p) for p in (out / "results").glob("*.parquet")]
+    (errors,) = [pq.read_table(p) for p in (out / "errors").glob("*.parquet")]
+    assert sorted(results.column("id").to_pylist()) == ["a.png", "b.png", "c.png"]
+    assert errors.column("id").to_pylist() == ["broken.jpg"]
+
+
+def test_items_per_prepare_task_auto_keeps_the_number_of_tasks_flat_for_large_jobs():
+    assert prepare_task_items(32, 30_000, cpus=2) == 32  # a number is taken as it is
+    assert prepare_task_items("auto", None) == 16  # count unknown (CSV or JSON manifest): small tasks
+    assert [prepare_task_items("auto", n, cpus=2) for n in (10, 2_048, 3_000, 30_000, 10**6)] == [16, 16, 24, 235, 256]
+    assert prepare_task_items("auto", 30_000, cpus=200) == 38  # 4 tasks per CPU on a large cluster

@@ -1,6 +1,7 @@
-"""The Ray Data stages of a batch job, one module each: Prepare (CPU tasks), Generate (an actor pool, one model
-replica per actor), Write (Parquet parts through the output directory). `base` holds what each declares and the one
-function that maps it to map_batches."""
+"""The stages of a batch job, one module each: Prepare (CPU tasks), Generate (an actor pool, one model replica per
+actor) and Write (Parquet parts through the output directory, called by each Generate actor for its own batches: the
+Ray Data graph has two operators). `base` holds what each declares and the one function that maps it to
+map_batches."""
 
 from pipelines.stages.base import Stage, StageResources, map_batches, require_columns
 from pipelines.stages.generate import Generate

@@ -1,10 +1,14 @@
-"""Generate: prepared units -> result or error rows, in an actor pool with one model replica per actor."""
+"""Generate: prepared units -> result or error rows written to the output, in an actor pool with one model replica
+per actor; the driver gets one small stats row per batch."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+
+import numpy as np
 
 from pipelines.config import JobSpec
 from pipelines.engines.base import GenerationResult
@@ -13,6 +17,7 @@ from pipelines.output import GENERATED_COLUMNS, RESULT_COLUMNS, OutputDir
 from pipelines.prompts import Task, parse_translation
 from pipelines.replica import REPLICA_STATS
 from pipelines.stages.base import Stage, StageResources, require_columns, scalar, window_total
+from pipelines.stages.write import STATS_COLUMNS, Write
 from pipelines.units import CHAT_TASK, unpack
 
 logger = logging.getLogger(__name__)
@@ -27,15 +32,18 @@ def _result_table(rows: list[dict]):
 
 
 class Generate(Stage):
-    """prepared units -> result (or error) rows. One model replica per actor, fed by several batches at once.
+    """prepared units -> result (or error) rows, written as Parquet parts by the actor itself; returns one stats row
+    per batch. One model replica per actor, fed by several batches at once.
 
     `__call__` is async: Ray Data keeps `resources.max_concurrent_batches` batches in flight on each actor, and the
-    replica runtime (pipelines/replica.py) merges their requests into full engine batches.
+    replica runtime (pipelines/replica.py) merges their requests into full engine batches. A batch's parts are
+    written in a thread (`Write`), off the event loop that feeds the engine; the wide generated rows never become
+    Ray Data blocks, so the driver tracks only the stats rows.
     """
 
     name = "generate"
     needs = ("id", "item_id", "source", "task", "error", "error_stage", "request_ids")
-    produces = (*GENERATED_COLUMNS, REPLICA_STATS)
+    produces = STATS_COLUMNS
     job: JobSpec | None = None  # bound into the class for the actor pool (see `for_job`)
 
     @classmethod
@@ -77,6 +85,7 @@ class Generate(Stage):
         self.engine = self.make_engine(job.model)
         self.replica = Replica(self.engine, job.engine, on_fatal=self._replace_replica)
         self.model_name = job.model.name
+        self.write = Write(job.output.url, job.output.storage_options)
 
     def make_engine(self, model):
         from pipelines.replica import open_engine
@@ -105,9 +114,10 @@ class Generate(Stage):
                 outputs[index] = _error_row(row, "generate", message, failed[0][1])
             else:
                 outputs[index] = self._result_row(row, [results[r.id] for r in requests])
-        table = _result_table(outputs)
-        stats = json.dumps(self.replica.stats().as_dict())
-        return table.append_column(REPLICA_STATS, _strings([stats] * table.num_rows))
+        replica = json.dumps([self.replica.stats().as_dict()])
+        # Parquet encoding and the upload take a thread, so the event loop keeps feeding the other batches' requests.
+        stats = await asyncio.to_thread(self.write, _result_table(outputs))
+        return {**stats, REPLICA_STATS: np.array([replica])}
 
     def _replace_replica(self, exc: BaseException) -> None:
         """Exit the actor process: Ray starts a replacement (up to `max_replica_restarts`) and retries its units."""
@@ -163,12 +173,6 @@ def _outcome(outcome) -> GenerationResult | tuple[str, str]:
         return outcome.result
     message = outcome.message if isinstance(outcome, ItemError) else f"{type(outcome).__name__}: {outcome}"
     return message or type(outcome).__name__, error_code(outcome)
-
-
-def _strings(values: list[str]):
-    import pyarrow as pa
-
-    return pa.array(values, pa.string())
 
 
 def _error_row(row: dict, stage: str, message: str, code: str | None) -> dict:

@@ -1,14 +1,18 @@
-"""Write: generated rows -> Parquet parts through the output directory; small stats rows for the driver."""
+"""Write: generated rows -> Parquet parts through the output directory, and the small stats row the driver reads.
+
+Runs inside the model actor (`Generate` calls it in a thread, off the replica's event loop) rather than as a Ray
+Data operator of its own: the generated rows never travel as blocks to another task, and the driver tracks one
+operator fewer. Each Ray Data task and block costs the driver memory (block metadata, schemas, allocator arenas),
+so a job of millions of objects keeps its driver small by handing it one stats row per model batch.
+"""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 
 from pipelines.output import OutputDir
 from pipelines.replica import REPLICA_STATS
-from pipelines.stages.base import Stage, StageResources, require_columns
+from pipelines.stages.base import Stage, require_columns
 
 STATS_COLUMNS = (
     "succeeded",
@@ -22,36 +26,29 @@ STATS_COLUMNS = (
 
 
 class Write(Stage):
-    """result/error rows -> Parquet part files under results/ and errors/; returns small stats rows.
+    """result/error rows -> Parquet part files under results/ and errors/; returns one stats row.
 
     Rows of one audio window go to the staging folder instead, to be stitched into their clip's row after the run.
+    A part's name is a hash of its rows' ids (`OutputDir.write_generated`): a batch retried on a replacement actor
+    replaces its own parts instead of adding duplicates.
     """
 
     name = "write"
     needs = ("id", "error", "window_total")
-    produces = STATS_COLUMNS
-
-    @classmethod
-    def resources(cls, job=None) -> StageResources:
-        return StageResources(num_cpus=0.25, batch_format="pyarrow")
+    produces = STATS_COLUMNS[:-1]
 
     def __init__(self, output_url: str, storage_options: dict) -> None:
-        self.output_url = output_url
-        self.storage_options = storage_options
+        self.out = OutputDir(output_url, storage_options)
 
-    def __call__(self, table):
+    def __call__(self, table) -> dict:
         import pyarrow.compute as pc
 
         require_columns(table.column_names, self.needs, self.name)
-        succeeded, failed = OutputDir(self.output_url, self.storage_options).write_generated(table)
+        succeeded, failed = self.out.write_generated(table)
         generated = table.filter(pc.is_null(table.column("error")))  # windows included: their tokens were made now
 
         def total(column: str) -> int:
             return int(pc.sum(generated.column(column)).as_py() or 0)
-
-        replica_stats = []
-        if REPLICA_STATS in table.column_names:
-            replica_stats = [json.loads(v) for v in pc.unique(table.column(REPLICA_STATS)).to_pylist() if v]
 
         return {
             "succeeded": np.array([succeeded]),
@@ -60,5 +57,4 @@ class Write(Stage):
             "prompt_tokens": np.array([total("prompt_tokens")]),
             "spec_drafted": np.array([total("spec_drafted")]),
             "spec_accepted": np.array([total("spec_accepted")]),
-            REPLICA_STATS: np.array([json.dumps(replica_stats)]),
         }
