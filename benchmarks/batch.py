@@ -238,6 +238,9 @@ def throughput(root: Path, args, media: MediaSpec, console: Console) -> None:
     console.print(table)
 
 
+MEMORY_ROW = "memory row: "  # the line a --memory-row process answers with
+
+
 def driver_memory(root: Path, counts: list[int], console: Console) -> None:
     """Each row runs in a fresh process (imports done, no Ray yet): rows start from the same state, so their
     difference is what the extra objects cost, not what an earlier job left allocated or freed."""
@@ -253,7 +256,9 @@ def driver_memory(root: Path, counts: list[int], console: Console) -> None:
         make_images(folder, count, (96, 96))
         command = [sys.executable, __file__, "--memory-row", str(count), str(folder), str(root / f"memory-out-{count}")]
         answer = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
-        growth, wall = json.loads(answer.strip().splitlines()[-1])
+        # Ray may print workers' log lines to the same stdout: the row is the line with the marker.
+        (row,) = [line for line in answer.splitlines() if line.startswith(MEMORY_ROW)]
+        growth, wall = json.loads(row[len(MEMORY_ROW) :])
         rows.append((count, growth))
         memory.add_row(str(count), f"{growth:.0f}", f"{wall:.1f}")
         shutil.rmtree(folder)
@@ -269,7 +274,7 @@ def memory_row(count: int, folder: Path, output: Path) -> None:
     small = TaskSpec(task="caption", max_new_tokens=1)
     result, growth = pipeline(folder, output, small, MediaSpec(max_soft_tokens=70), 64)
     assert result.succeeded == count, result
-    print(json.dumps([growth, result.wall_s]))
+    print(MEMORY_ROW + json.dumps([growth, result.wall_s]), flush=True)
 
 
 if __name__ == "__main__":
