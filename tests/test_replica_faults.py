@@ -25,7 +25,9 @@ def test_a_fatal_error_on_one_call_replaces_the_actor_and_loses_nothing(ray_clus
     assert ids(errors) == ["broken.png"]  # the bad item is still its one error row; no spurious ones
     assert (summary.succeeded, summary.failed) == (10, 1)
     calls = (tmp_path / "calls").read_text().splitlines()
-    assert calls[1] in calls[2:]  # the batch in flight when the actor died was generated again
+    # The units of the engine call that failed were generated again (the replacement's scheduler may group them
+    # with other retried units differently).
+    assert set(calls[1].split(",")) <= {unit for call in calls[2:] for unit in call.split(",")}
 
 
 def test_a_fatal_error_that_never_stops_fails_the_job_with_its_cause(ray_cluster, tmp_path):
