@@ -1,0 +1,1 @@
+"""Chat requests shared by the endpoint and batch jobs."""
