@@ -92,10 +92,12 @@ class BatchStore:
         logger.info("deleted %s", record.id)
 
     def open(self, relative: str) -> IO[bytes]:
+        self.fs.invalidate_cache(self.path(relative))
         return self.fs.open(self.path(relative), "rb")
 
     def size(self, relative: str) -> int | None:
         """Bytes of an object, None when there is none."""
+        self.fs.invalidate_cache(self.path(relative))
         try:
             return int(self.fs.size(self.path(relative)))
         except FileNotFoundError:
@@ -134,6 +136,8 @@ class BatchStore:
         self._write(relative, lambda handle: handle.write(body))
 
     def _read_json(self, relative: str) -> dict | None:
+        # Records are rewritten in place: a cached listing's size and ETag would refuse (or cut) the new version.
+        self.fs.invalidate_cache(self.path(relative))
         try:
             with self.fs.open(self.path(relative), "rb") as handle:
                 return json.load(handle)

@@ -279,7 +279,10 @@ class BatchService:
     # ---- state ----
 
     def _output(self, record: StoredBatch) -> OutputDir:
-        return OutputDir(self.store.url_of(self.store.output_path(record.id)), self.store.storage_options)
+        output = OutputDir(self.store.url_of(self.store.output_path(record.id)), self.store.storage_options)
+        for folder in (RESULTS, ERRORS):  # the job adds parts and rewrites _job.json: no stale listing
+            output.fs.invalidate_cache(output.path(folder))
+        return output
 
     def _refresh(self, record: StoredBatch) -> StoredBatch:
         """Read the job's state, store what changed, and register the output files once the batch is over."""
