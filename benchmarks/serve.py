@@ -88,14 +88,13 @@ def load_engine(spec, body: dict):
     """The engine the model replica runs, in this process, and the prepared request the endpoint would build."""
     import torch
 
+    from pipelines.chat.protocol import ChatCompletionRequest
     from pipelines.engines.transformers import TransformersEngine
     from pipelines.model_sources import load_tokenizer, resolve
-    from serving.chat import ChatService
-    from serving.media_sources import MediaFetcher
-    from serving.protocol import ChatCompletionRequest
+    from serving.router import chat_preparer
 
     torch.set_num_threads(spec.resources.model.torch_threads)
-    chat = ChatService(spec, load_tokenizer(spec.model), MediaFetcher(spec.remote_media))
+    chat = chat_preparer(spec, load_tokenizer(spec.model))
     prepared = asyncio.run(chat.prepare(ChatCompletionRequest.model_validate(body)))
     return TransformersEngine(resolve(spec.model), spec.engine), prepared
 

@@ -42,6 +42,7 @@ class JobSummary:
     wall_s: float = 0.0
     timings: dict = field(default_factory=dict)
     engine: dict = field(default_factory=dict)  # the replica runtime's statistics, see pipelines.replica.aggregate
+    openai_batch: bool = False  # the input was an OpenAI batch file: output.jsonl and errors.jsonl were written
 
     @property
     def items_per_s(self) -> float:
@@ -73,26 +74,31 @@ def connect(job: JobSpec) -> None:
     )
 
 
-def _write_listing(job: JobSpec, out: OutputDir, run_id: str, skipped: list[str]) -> str:
-    """Stream the input listing to Parquet pages under the output, holding one page in memory at a time."""
+LISTING_COLUMNS = {"id": "string", "uri": "string", "container": "string"}
+# A batch file's listing row is one line: its byte range, read by the prepare task that takes it.
+BATCH_LISTING_COLUMNS = {**LISTING_COLUMNS, "offset": "int64", "length": "int64", "line": "int64"}
+
+
+def _write_listing(out: OutputDir, run_id: str, rows, schema: dict[str, str]) -> str:
+    """Stream listing rows to Parquet pages under the output, holding one page in memory at a time."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     folder = out.path("_work", f"listing-{run_id}")
     out.fs.makedirs(folder, exist_ok=True)
-    columns: dict[str, list[str]] = {"id": [], "uri": [], "container": []}  # one page, as columns: no dict per row
+    columns: dict[str, list] = {name: [] for name in schema}  # one page, as columns: no dict per row
     pages = 0
 
     def flush() -> None:
         nonlocal pages
-        table = pa.table({name: pa.array(values, pa.string()) for name, values in columns.items()})
+        table = pa.table({name: pa.array(values, pa.type_for_alias(schema[name])) for name, values in columns.items()})
         with out.fs.open(f"{folder}/page-{pages:06d}.parquet", "wb") as handle:
             pq.write_table(table, handle)
         for values in columns.values():
             values.clear()
         pages += 1
 
-    for row in iter_listing(job.input, skipped):
+    for row in rows:
         for name, values in columns.items():
             values.append(row[name])
         if len(columns["id"]) >= LISTING_PAGE:
@@ -102,13 +108,43 @@ def _write_listing(job: JobSpec, out: OutputDir, run_id: str, skipped: list[str]
     return folder
 
 
+def _batch_file_rows(job: JobSpec):
+    """The lines of an OpenAI batch file as listing rows; repeated custom_ids refuse the job before it runs."""
+    import fsspec
+
+    from pipelines.chat.batch_file import BatchFileError, describe_duplicates, iter_batch_lines
+    from pipelines.chat.batch_output import NO_CUSTOM_ID
+
+    lines_of: dict[str, list[int]] = {}
+    with fsspec.open(job.input.url, "rb", **job.input.storage_options) as handle:
+        # Only custom_ids here: each line is checked in full by the CPU task that prepares it.
+        for line in iter_batch_lines(handle, validate=False):
+            row_id = line.custom_id if line.custom_id is not None else f"{NO_CUSTOM_ID}{line.number}"
+            lines_of.setdefault(row_id, []).append(line.number)
+            yield {
+                "id": row_id,
+                "uri": job.input.url,
+                "container": "openai-batch",
+                "offset": line.offset,
+                "length": line.length,
+                "line": line.number,
+            }
+    duplicates = {custom_id: numbers for custom_id, numbers in lines_of.items() if len(numbers) > 1}
+    if duplicates:
+        raise BatchFileError(f"{job.input.url}: {describe_duplicates(duplicates)}")
+
+
 def _read_input(job: JobSpec, out: OutputDir, run_id: str, skipped: list[str]):
     import ray.data
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    if detect_format(job.input) == "manifest":
+    input_format = detect_format(job.input)
+    if input_format == "manifest":
         return _read_manifest(job)
-    folder = _write_listing(job, out, run_id, skipped)
+    if input_format == "openai-batch":
+        folder = _write_listing(out, run_id, _batch_file_rows(job), BATCH_LISTING_COLUMNS)
+    else:
+        folder = _write_listing(out, run_id, iter_listing(job.input, skipped), LISTING_COLUMNS)
     return ray.data.read_parquet(folder, filesystem=PyFileSystem(FSSpecHandler(out.fs)))
 
 
@@ -269,6 +305,11 @@ def _run(job: JobSpec, out: OutputDir, previous: dict, header: dict, progress: b
     summary.succeeded = out.count_ids(RESULTS)
     summary.failed = out.count_ids(ERRORS)
     summary.total = summary.succeeded + summary.failed
+    if detect_format(job.input) == "openai-batch":
+        from pipelines.chat.batch_output import write_batch_output
+
+        write_batch_output(out, job_key=header["fingerprint"], model_id=job.chat.served_model_name or job.model.name)
+        summary.openai_batch = True
     out.fs.rm(out.path("_work", f"listing-{run_id}"), recursive=True) if out.fs.exists(
         out.path("_work", f"listing-{run_id}")
     ) else None
@@ -307,6 +348,6 @@ def _run(job: JobSpec, out: OutputDir, previous: dict, header: dict, progress: b
 def _redacted(job: JobSpec) -> dict:
     """The spec without secrets: storage options keep their keys, lose their values."""
     spec = job.model_dump()
-    for section in ("input", "output", "model"):
+    for section in ("input", "output", "model", "remote_media"):
         spec[section]["storage_options"] = {k: "***" for k in spec[section]["storage_options"]}
     return spec

@@ -132,10 +132,12 @@ class MediaSpec(Strict):
 
 class InputSpec(Strict):
     url: str = Field(..., min_length=1, max_length=4096, description="Directory, glob, tar shard(s) or manifest URL.")
-    format: Literal["auto", "files", "tar", "manifest"] = Field(
+    format: Literal["auto", "files", "tar", "manifest", "openai-batch"] = Field(
         "auto",
-        description="auto: a .parquet/.jsonl/.csv file is a manifest; in a directory or glob, .tar files are "
-        "WebDataset shards and media files are items. files / tar / manifest force one reading.",
+        description="auto: a .jsonl file whose first line is an OpenAI batch request (custom_id, method, url, body) "
+        "is an OpenAI batch file; another .parquet/.jsonl/.csv file is a manifest; in a directory or glob, .tar "
+        "files are WebDataset shards and media files are items. files / tar / manifest / openai-batch force one "
+        "reading.",
     )
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (endpoint_url, ...).")
     skip_unsupported: bool = Field(
@@ -144,6 +146,69 @@ class InputSpec(Strict):
         "recognised by their content, counting them as skipped in _job.json and the summary. Off: each such file "
         "is an error row.",
     )
+
+
+class SamplingDefaults(Strict):
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="When a request sets none (Gemma's suggestion).")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="When a request sets none (Gemma's suggestion).")
+    top_k: int = Field(64, ge=0, le=1000, description="When a request sets none; 0 disables top-k.")
+
+
+class ChatLimits(Strict):
+    """Limits on one chat request, online (per request) and in OpenAI batch files (per line)."""
+
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, le=2 * 1024**3, description="Request body size; larger bodies get 413."
+    )
+    max_output_tokens: int = Field(
+        2048, ge=1, le=32_768, description="Upper bound on max_tokens; a request asking for more gets 400."
+    )
+    default_output_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=32_768,
+        description="max_tokens when a request sets none; unset: what the context leaves after the prompt. Either "
+        "way capped at max_output_tokens and at what the context leaves.",
+    )
+    max_images_per_request: int = Field(8, ge=0, le=64, description="Image parts in one chat request.")
+    max_audio_per_request: int = Field(1, ge=0, le=8, description="Audio parts in one chat request.")
+    max_messages: int = Field(64, ge=1, le=4096, description="Messages in one chat request.")
+
+
+class RemoteMediaSpec(Strict):
+    allow_object_storage: bool = Field(False, description="Fetch s3://, gs://, az:// image URLs through fsspec.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for those URLs.")
+    http_allow_list: list[str] = Field(
+        default_factory=list,
+        max_length=1024,
+        description="Hosts whose http(s) URLs may be fetched: exact names or IPs, or `*.example.com`. Empty: no "
+        "http(s) fetching at all.",
+    )
+    allow_private_networks: bool = Field(
+        False,
+        description="Let allow-listed hosts resolve to private, loopback or link-local addresses. Only for trusted "
+        "internal media servers: it turns the server-side request forgery guard off.",
+    )
+    fetch_timeout_s: float = Field(10.0, gt=0, le=300, description="Whole-fetch timeout for one URL.")
+    max_fetch_bytes: int = Field(
+        20 * 1024 * 1024, ge=1024, le=2 * 1024**3, description="Largest media file fetched from a URL."
+    )
+    max_redirects: int = Field(3, ge=0, le=10, description="Redirects followed (each target is checked again).")
+
+
+class ChatSpec(Strict):
+    """How OpenAI chat requests are read: by the endpoint, and line by line in OpenAI batch files."""
+
+    served_model_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="The `model` a request must name, and the one answers carry; model.name when unset.",
+    )
+    sampling: SamplingDefaults = Field(
+        default_factory=SamplingDefaults, description="Sampling for requests that leave a setting unset."
+    )
+    limits: ChatLimits = Field(default_factory=ChatLimits, description="Limits on each request.")
 
 
 class TaskSpec(Strict):
@@ -216,6 +281,12 @@ class JobSpec(Strict):
     media: MediaSpec = Field(default_factory=MediaSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     output: OutputSpec
+    chat: ChatSpec = Field(default_factory=ChatSpec, description="OpenAI batch input: how each request is read.")
+    remote_media: RemoteMediaSpec = Field(
+        default_factory=lambda: RemoteMediaSpec(allow_object_storage=True),
+        description="OpenAI batch input: which image URLs may be fetched (object storage through the input's "
+        "storage options; http(s) only for allow-listed hosts, through the same guard as the endpoint).",
+    )
 
     def fingerprint(self) -> str:
         """What decides the output's content: a rerun with another fingerprint on the same output is refused."""
@@ -229,6 +300,8 @@ class JobSpec(Strict):
             "engine": self.engine.model_dump(include={"kind", "dtype", "quantization"}),
             "media": self.media.model_dump(),
         }
+        if self.chat != ChatSpec():  # only where set, so outputs written before this field existed still resume
+            relevant["chat"] = self.chat.model_dump()
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

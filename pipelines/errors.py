@@ -47,6 +47,28 @@ class InvalidRequest(ItemError):
     """The request's own fields are wrong (unknown task, bad budget, missing question)."""
 
 
+class RefusedRequest(InvalidRequest):
+    """An OpenAI request that cannot be served as sent: names the field (`param`), a code clients branch on, and
+    the HTTP status the endpoint answers with (404 for an unknown model, else 400)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str = "invalid_request",
+        status: int = 400,
+        item: str | None = None,
+    ) -> None:
+        super().__init__(message, item=item)
+        self.param, self.code, self.http_status = param, code, status
+
+    def with_item(self, item: str) -> RefusedRequest:
+        if self.item:
+            return self
+        return RefusedRequest(self.message, param=self.param, code=self.code, status=self.http_status, item=item)
+
+
 class GenerationFailed(ItemError):
     """The engine failed this request itself (vLLM's retryable internal error, still failing after a retry).
 
@@ -55,6 +77,19 @@ class GenerationFailed(ItemError):
 
     http_status = 502
     code = "model_error"
+
+
+def error_code(exc: BaseException) -> str:
+    """The code an error row and an OpenAI error body carry for an error: clients branch on it."""
+    if isinstance(exc, LimitExceeded):
+        return "limit_exceeded"
+    if isinstance(exc, DecodeError):
+        return "invalid_media"
+    if isinstance(exc, UnsupportedInput):
+        return "unsupported_media"
+    if isinstance(exc, ItemError):
+        return getattr(exc, "code", "invalid_request")
+    return "internal_error"
 
 
 class ModelSourceError(GemmaUnifiedError):

@@ -24,10 +24,12 @@ RESULT_COLUMNS = {
     "spec_drafted": "int64", "spec_accepted": "int64",
 }  # fmt: skip
 ERROR_COLUMNS = {"id": "string", "item_id": "string", "source": "string", "task": "string", "stage": "string",
-                 "error": "string"}  # fmt: skip
+                 "error": "string", "code": "string"}  # fmt: skip
 # `window_total` is null for a whole unit; for one window of a long audio clip it is 0, or the clip's window count on
 # its last window. Window rows are staged and stitched into one row per clip after the run (pipelines/stitch.py).
-GENERATED_COLUMNS = {**RESULT_COLUMNS, "error": "string", "error_stage": "string", "window_total": "int64"}
+GENERATED_COLUMNS = {
+    **RESULT_COLUMNS, "error": "string", "error_stage": "string", "error_code": "string", "window_total": "int64"
+}  # fmt: skip
 WINDOW_COLUMNS = GENERATED_COLUMNS
 
 RESULTS, ERRORS, MANIFEST = "results", "errors", "_job.json"
@@ -64,7 +66,7 @@ class OutputDir:
         values = []
         for part in self.parts(folder):
             with self.fs.open(part, "rb") as handle:
-                values.extend(_read_part(handle, [column]).column(column).to_pylist())
+                values.extend(read_part(handle, [column]).column(column).to_pylist())
         return np.asarray(values, dtype=object)
 
     def count_ids(self, folder: str) -> int:
@@ -81,8 +83,9 @@ class OutputDir:
         tables = []
         for part in self.parts(folder):
             with self.fs.open(part, "rb") as handle:
-                tables.append(_read_part(handle, columns))
-        return pa.concat_tables(tables) if tables else None
+                tables.append(read_part(handle, columns))
+        # Parts written before a column existed (error rows before `code`) read with it as null.
+        return pa.concat_tables(tables, promote_options="default") if tables else None
 
     def write_generated(self, table) -> tuple[int, int]:
         """Generated rows -> a results part and an errors part, or a staged part for single audio windows.
@@ -104,7 +107,7 @@ class OutputDir:
         if ok.num_rows:
             self.write_part(ok.select(list(RESULT_COLUMNS)), f"{RESULTS}/part-{name}.parquet")
         if bad.num_rows:
-            errors = bad.select(["id", "item_id", "source", "task", "error_stage", "error"])
+            errors = bad.select(["id", "item_id", "source", "task", "error_stage", "error", "error_code"])
             self.write_part(errors.rename_columns(list(ERROR_COLUMNS)), f"{ERRORS}/part-{name}.parquet")
         return ok.num_rows, bad.num_rows
 
@@ -192,7 +195,7 @@ class OutputDir:
         return len(parts)
 
 
-def _read_part(handle, columns: list[str] | None):
+def read_part(handle, columns: list[str] | None):
     """One Parquet part through a single-file reader. `pq.read_table` builds a dataset (fragment discovery, a thread
     pool) for every file: over the thousands of small parts of a large job that cost the driver ~0.3 KB of memory
     per output row at the end of the run, where this reader's cost stays flat."""

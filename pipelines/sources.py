@@ -63,11 +63,24 @@ def detect_format(spec: InputSpec) -> str:
     if spec.format != "auto":
         return spec.format
     path = spec.url.split("?")[0].lower()
+    if path.endswith(".jsonl") and _first_line_is_batch_request(spec):
+        return "openai-batch"
     if path.endswith(MANIFEST_SUFFIXES):
         return "manifest"
     if path.endswith(".tar") or path.endswith(".tar}"):
         return "tar"
     return "auto"  # a directory or glob: .tar members are shards, media files are items
+
+
+def _first_line_is_batch_request(spec: InputSpec) -> bool:
+    """Whether a JSON Lines file starts like an OpenAI batch file (custom_id and body) rather than a manifest."""
+    try:
+        with fsspec.open(spec.url, "rb", **spec.storage_options) as handle:
+            first = next((line for line in handle if line.strip()), b"")
+        data = json.loads(first)
+    except Exception:  # unreadable or not JSON: read as a manifest, whose reader reports the problem
+        return False
+    return isinstance(data, dict) and "custom_id" in data and "body" in data
 
 
 def _protocol_prefix(fs, url: str) -> str:

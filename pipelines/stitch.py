@@ -130,4 +130,5 @@ def _clip_error(first: dict, failed: list[dict], total: int) -> dict:
         "task": first["task"],
         "stage": failed[0]["error_stage"],
         "error": message,
+        "code": failed[0].get("error_code"),
     }

@@ -16,10 +16,22 @@ from pipelines.engines.base import PreparedRequest, SamplingParams
 from pipelines.media.image import PATCH_DIM
 
 FRAME = 640
+CHAT_TASK = "chat"  # the task of a unit from an OpenAI batch file: its own request says what to do
 
 # The columns of a prepared unit, besides the arrays `pack` makes: where it comes from, what to do with it, and
-# `error`/`error_stage` (set, with empty arrays, when preparing it failed).
-UNIT_FIELDS = ("id", "item_id", "source", "task", "error", "error_stage", "segments_in", "pages", "window_total")
+# `error`/`error_stage`/`error_code` (set, with empty arrays, when preparing it failed).
+UNIT_FIELDS = (
+    "id",
+    "item_id",
+    "source",
+    "task",
+    "error",
+    "error_stage",
+    "error_code",
+    "segments_in",
+    "pages",
+    "window_total",
+)
 UNIT_ARRAYS = (
     "request_ids",
     "prompt_token_ids",

@@ -17,8 +17,6 @@ logger = logging.getLogger(__name__)
 
 # Until the Ray job is visible, a just-created batch is still being submitted, not lost.
 SUBMIT_GRACE_S = 120
-CHAT_LIMITS = ("max_output_tokens", "default_output_tokens", "max_images_per_request", "max_audio_per_request",
-               "max_messages")  # fmt: skip
 DONE_MANIFEST = frozenset({"succeeded", "partial", "failed", "stopped"})
 
 
@@ -50,16 +48,12 @@ def batch_job(spec: ServeSpec, input_url: str, output_url: str) -> JobSpec:
         {
             "input": {"url": input_url, "format": "openai-batch", "storage_options": storage},
             "output": {"url": output_url, "storage_options": storage},
-            "model": spec.model.model_dump(),
-            "engine": spec.engine.model_dump(),
-            "media": spec.media.model_dump(),
-            "chat": {
-                "served_model_name": spec.model_id,
-                "sampling": spec.sampling.model_dump(),
-                "limits": spec.limits.model_dump(include=set(CHAT_LIMITS)),
-            },
-            "remote_media": spec.remote_media.model_dump(),
-            "resources": batch.resources.model_dump(),
+            "model": spec.model,
+            "engine": spec.engine,
+            "media": spec.media,
+            "chat": spec.chat,
+            "remote_media": spec.remote_media,
+            "resources": batch.resources,
         }
     )
 

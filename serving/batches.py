@@ -115,7 +115,7 @@ class BatchService:
         infos = []
         for info in iter_batch_lines(content):
             if info.problem:
-                raise APIError(400, f"line {info.number}: {info.problem}", param="file", code="invalid_batch_line")
+                raise APIError(400, info.problem, param="file", code="invalid_batch_line")
             infos.append(info)
             if len(infos) > self.limits.max_lines_per_batch:
                 raise APIError(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from pipelines.errors import DecodeError, ItemError, LimitExceeded, UnsupportedInput
+from pipelines.errors import ItemError, error_code
 
 INVALID_REQUEST = "invalid_request_error"
 AUTHENTICATION = "authentication_error"
@@ -61,16 +61,9 @@ def overloaded(retry_after_s: int, message: str = "the model is overloaded; retr
     return APIError(503, message, type=OVERLOADED, code="overloaded", headers={"Retry-After": str(retry_after_s)})
 
 
-_ITEM_CODES = [
-    (LimitExceeded, "limit_exceeded"),
-    (DecodeError, "invalid_media"),
-    (UnsupportedInput, "unsupported_media"),
-]
-
-
 def from_item_error(error: ItemError, param: str | None = None) -> APIError:
-    code = next((c for cls, c in _ITEM_CODES if isinstance(error, cls)), getattr(error, "code", "invalid_request"))
-    return APIError(error.http_status, str(error), param=param, code=code)
+    param = param or getattr(error, "param", None)
+    return APIError(error.http_status, str(error), param=param, code=error_code(error))
 
 
 _UNION_BRANCHES = {"str", "int", "float", "bool", "none", "list", "dict"}

@@ -7,7 +7,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from serving.protocol import ChatCompletionRequest
+from pipelines.chat.protocol import ChatCompletionRequest
 
 _REF = "#/components/schemas/{model}"
 _ERROR = {

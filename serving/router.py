@@ -17,6 +17,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipelines.chat.media_sources import MediaFetcher
+from pipelines.chat.prepare import ChatPreparer, usage
+from pipelines.chat.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkChoice,
+    Delta,
+    completion_id,
+    now,
+)
 from pipelines.engines.base import PreparedRequest
 from pipelines.errors import ItemError
 from pipelines.prompts import Task
@@ -25,7 +35,6 @@ from serving.batch_jobs import RaySubmitter
 from serving.batch_routes import FILES_PATH, UPLOAD_ENVELOPE_BYTES, batch_routes
 from serving.batch_store import BatchStore
 from serving.batches import BatchService
-from serving.chat import ChatService, usage
 from serving.errors import (
     INVALID_REQUEST,
     NOT_FOUND,
@@ -35,22 +44,11 @@ from serving.errors import (
     from_pydantic,
     from_validation_errors,
 )
-from serving.media_sources import MediaFetcher
 from serving.metrics import CONTENT_TYPE, Metrics
 from serving.middleware import BodyLimit, RequestMetrics
 from serving.model_client import ModelBackend
 from serving.openapi import describe
-from serving.protocol import (
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChunkChoice,
-    Delta,
-    ModelCard,
-    ModelList,
-    SpeechRequest,
-    completion_id,
-    now,
-)
+from serving.protocol import ModelCard, ModelList, SpeechRequest
 from serving.spec import ServeSpec
 from serving.speech import SpeechService
 
@@ -73,6 +71,18 @@ def _event_error(event: dict) -> APIError:
     )
 
 
+def chat_preparer(spec: ServeSpec, tokenizer, fetcher: MediaFetcher | None = None) -> ChatPreparer:
+    """Chat requests read by this endpoint's rules (the same class reads OpenAI batch lines in batch jobs)."""
+    return ChatPreparer(
+        spec.chat,
+        spec.media,
+        model_id=spec.model_id,
+        max_model_len=spec.engine.max_model_len,
+        tokenizer=tokenizer,
+        fetcher=fetcher or MediaFetcher(spec.remote_media),
+    )
+
+
 def build_api(
     spec: ServeSpec,
     backend: ModelBackend,
@@ -84,7 +94,7 @@ def build_api(
     batches: BatchService | None = None,
 ) -> FastAPI:
     app = FastAPI(title="gemma-unified", summary="OpenAI-compatible endpoint for Gemma 4 12B Unified")
-    chat = ChatService(spec, tokenizer, fetcher or MediaFetcher(spec.remote_media))
+    chat = chat_preparer(spec, tokenizer, fetcher)
     speech = SpeechService(spec, tokenizer)
     created = now()
 

@@ -11,7 +11,18 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipelines.config import EngineSpec, MediaSpec, ModelSpec, ResourcesSpec, Strict, load_spec_file
+from pipelines.config import (
+    ChatLimits,
+    ChatSpec,
+    EngineSpec,
+    MediaSpec,
+    ModelSpec,
+    RemoteMediaSpec,
+    ResourcesSpec,
+    SamplingDefaults,
+    Strict,
+    load_spec_file,
+)
 from pipelines.config import build_spec as build_config
 from pipelines.environment import API_KEYS_ENV
 
@@ -95,29 +106,9 @@ class BatchingSpec(Strict):
     )
 
 
-class SamplingDefaults(Strict):
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="When a request sets none (Gemma's suggestion).")
-    top_p: float = Field(0.95, gt=0.0, le=1.0, description="When a request sets none (Gemma's suggestion).")
-    top_k: int = Field(64, ge=0, le=1000, description="When a request sets none; 0 disables top-k.")
+class LimitsSpec(ChatLimits):
+    """The endpoint's limits: those on each chat request plus overload behaviour."""
 
-
-class LimitsSpec(Strict):
-    max_body_bytes: int = Field(
-        32 * 1024 * 1024, ge=1024, le=2 * 1024**3, description="Request body size; larger bodies get 413."
-    )
-    max_output_tokens: int = Field(
-        2048, ge=1, le=32_768, description="Upper bound on max_tokens; a request asking for more gets 400."
-    )
-    default_output_tokens: int | None = Field(
-        None,
-        ge=1,
-        le=32_768,
-        description="max_tokens when a request sets none; unset: what the context leaves after the prompt. Either "
-        "way capped at max_output_tokens and at what the context leaves.",
-    )
-    max_images_per_request: int = Field(8, ge=0, le=64, description="Image parts in one chat request.")
-    max_audio_per_request: int = Field(1, ge=0, le=8, description="Audio parts in one chat request.")
-    max_messages: int = Field(64, ge=1, le=4096, description="Messages in one chat request.")
     max_queued_requests: int = Field(
         64,
         ge=1,
@@ -136,27 +127,6 @@ class AuthSpec(Strict):
         description=f"Accepted Bearer keys; {API_KEYS_ENV} (comma-separated) adds more. Any key set makes every "
         "/v1 route require one.",
     )
-
-
-class RemoteMediaSpec(Strict):
-    allow_object_storage: bool = Field(False, description="Fetch s3://, gs://, az:// image URLs through fsspec.")
-    storage_options: dict[str, str] = Field(default_factory=dict, description="fsspec options for those URLs.")
-    http_allow_list: list[str] = Field(
-        default_factory=list,
-        max_length=1024,
-        description="Hosts whose http(s) URLs may be fetched: exact names or IPs, or `*.example.com`. Empty: no "
-        "http(s) fetching at all.",
-    )
-    allow_private_networks: bool = Field(
-        False,
-        description="Let allow-listed hosts resolve to private, loopback or link-local addresses. Only for trusted "
-        "internal media servers: it turns the server-side request forgery guard off.",
-    )
-    fetch_timeout_s: float = Field(10.0, gt=0, le=300, description="Whole-fetch timeout for one URL.")
-    max_fetch_bytes: int = Field(
-        20 * 1024 * 1024, ge=1024, le=2 * 1024**3, description="Largest media file fetched from a URL."
-    )
-    max_redirects: int = Field(3, ge=0, le=10, description="Redirects followed (each target is checked again).")
 
 
 DEFAULT_BATCH_STORAGE = "gemma-unified-batches"
@@ -276,6 +246,12 @@ class ServeSpec(Strict):
     @property
     def model_id(self) -> str:
         return self.served_model_name or self.model.name
+
+    @property
+    def chat(self) -> ChatSpec:
+        """How chat requests are read, as batch jobs submitted here read their lines."""
+        limits = self.limits.model_dump(include=set(ChatLimits.model_fields))
+        return ChatSpec(served_model_name=self.model_id, sampling=self.sampling, limits=ChatLimits(**limits))
 
 
 def build_spec(data: dict, overrides: dict | None = None, source: str = "serve spec") -> ServeSpec:

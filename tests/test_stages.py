@@ -100,6 +100,7 @@ def _generated_rows() -> pa.Table:
             "prompt_tokens": 10,
             "error": None,
             "error_stage": None,
+            "error_code": None,
             "window_total": None,
         },
         {
@@ -110,6 +111,7 @@ def _generated_rows() -> pa.Table:
             "task": "caption",
             "error": "b.jpg: truncated",
             "error_stage": "prepare",
+            "error_code": "invalid_media",
             "window_total": None,
         },
         {
@@ -123,6 +125,7 @@ def _generated_rows() -> pa.Table:
             "prompt_tokens": 50,
             "error": None,
             "error_stage": None,
+            "error_code": None,
             "window_total": 2,
             "segments": json.dumps([{"start_s": 0.0, "end_s": 30.0, "text": "hello"}]),
         },
@@ -143,7 +146,7 @@ def test_write_sorts_rows_into_results_errors_and_staged_windows(tmp_path):
     (error,) = [pq.read_table(p) for p in (tmp_path / "errors").glob("*.parquet")]
     assert result.column_names == list(RESULT_COLUMNS) and result.column("id").to_pylist() == ["a.png"]
     assert error.column_names == list(ERROR_COLUMNS)
-    assert error.to_pylist()[0]["error"] == "b.jpg: truncated"
+    assert error.to_pylist()[0]["error"] == "b.jpg: truncated" and error.to_pylist()[0]["code"] == "invalid_media"
     windows = list((tmp_path / "_windows").rglob("*.parquet"))
     assert len(windows) == 1 and pq.read_table(windows[0]).column("id").to_pylist() == ["t.wav#w0"]
 

@@ -117,5 +117,9 @@ def print_summary(summary: JobSummary, console: Console) -> None:
     console.print(
         f"results: {output}/results/  errors: {output}/errors/  job record: {output}/_job.json", soft_wrap=True
     )
+    if summary.openai_batch:
+        console.print(
+            f"OpenAI batch output: {output}/output.jsonl  failed lines: {output}/errors.jsonl", soft_wrap=True
+        )
     look = f"gemma-unified show {output}" + (f"  |  gemma-unified show {output} --errors" if summary.failed else "")
     console.print(f"look at them: {look}", soft_wrap=True)

@@ -1,1 +1,1 @@
-"""Chat requests shared by the endpoint and batch jobs."""
+"""OpenAI chat requests shared by the endpoint and OpenAI batch files: protocol, preparation, media URLs."""

@@ -8,12 +8,12 @@ import os
 
 from pipelines.config import JobSpec
 from pipelines.engines.base import GenerationResult
-from pipelines.errors import ItemError
+from pipelines.errors import ItemError, error_code
 from pipelines.output import GENERATED_COLUMNS, RESULT_COLUMNS, OutputDir
 from pipelines.prompts import Task, parse_translation
 from pipelines.replica import REPLICA_STATS
 from pipelines.stages.base import Stage, StageResources, require_columns, scalar, window_total
-from pipelines.units import unpack
+from pipelines.units import CHAT_TASK, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class Generate(Stage):
         live = []
         for index, row in enumerate(rows):
             if row["error"] is not None:
-                outputs[index] = _error_row(row, row["error_stage"], row["error"])
+                outputs[index] = _error_row(row, row["error_stage"], row["error"], row.get("error_code"))
             else:
                 live.append(index)
         units = {index: unpack(rows[index]) for index in live}
@@ -99,9 +99,10 @@ class Generate(Stage):
         results = {r.id: _outcome(o) for r, o in zip(requests, outcomes)}
         for index in live:
             row, requests = rows[index], units[index]
-            failed = [results[r.id] for r in requests if isinstance(results[r.id], str)]
+            failed = [results[r.id] for r in requests if isinstance(results[r.id], tuple)]
             if failed:
-                outputs[index] = _error_row(row, "generate", "; ".join(failed))
+                message = "; ".join(message for message, _ in failed)
+                outputs[index] = _error_row(row, "generate", message, failed[0][1])
             else:
                 outputs[index] = self._result_row(row, [results[r.id] for r in requests])
         table = _result_table(outputs)
@@ -119,7 +120,8 @@ class Generate(Stage):
 
     def _result_row(self, row: dict, results: list[GenerationResult]) -> dict:
         spans = json.loads(row["segments_in"])
-        texts = [r.text.strip() for r in results]
+        # A chat answer is the model's text as the endpoint returns it; task outputs are trimmed for reading.
+        texts = [r.text if row["task"] == CHAT_TASK else r.text.strip() for r in results]
         transcript = translation = None
         if self.task is Task.translate:
             pairs = [parse_translation(t, self.job.task.target_language or "") for t in texts]
@@ -150,16 +152,17 @@ class Generate(Stage):
             "spec_accepted": sum(r.spec_accepted or 0 for r in results) if drafted else None,
             "error": None,
             "error_stage": None,
+            "error_code": None,
             "window_total": window_total(row),
         }
 
 
-def _outcome(outcome) -> GenerationResult | str:
-    """A result, or the request's error as the message its error row carries."""
+def _outcome(outcome) -> GenerationResult | tuple[str, str]:
+    """A result, or the request's error as the message and code its error row carries."""
     if not isinstance(outcome, BaseException):
         return outcome.result
     message = outcome.message if isinstance(outcome, ItemError) else f"{type(outcome).__name__}: {outcome}"
-    return message or type(outcome).__name__
+    return message or type(outcome).__name__, error_code(outcome)
 
 
 def _strings(values: list[str]):
@@ -168,7 +171,7 @@ def _strings(values: list[str]):
     return pa.array(values, pa.string())
 
 
-def _error_row(row: dict, stage: str, message: str) -> dict:
+def _error_row(row: dict, stage: str, message: str, code: str | None) -> dict:
     empty = {key: None for key in RESULT_COLUMNS}
     return {
         **empty,
@@ -178,5 +181,6 @@ def _error_row(row: dict, stage: str, message: str) -> dict:
         "task": row["task"],
         "error": message,
         "error_stage": stage,
+        "error_code": code,
         "window_total": window_total(row),
     }

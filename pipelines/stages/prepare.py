@@ -11,11 +11,11 @@ import numpy as np
 
 from pipelines.config import JobSpec, MediaSpec
 from pipelines.engines.base import SamplingParams
-from pipelines.errors import DecodeError, ItemError
+from pipelines.errors import DecodeError, ItemError, error_code
 from pipelines.prepare import AUDIO, AudioRequests, check_modality, detect_modality, prepare_item
 from pipelines.prompts import Task, TaskOptions
 from pipelines.stages.base import Stage, StageResources, require_columns, scalar
-from pipelines.units import UNIT_COLUMNS, array_bytes, empty_arrays, pack, to_columns
+from pipelines.units import CHAT_TASK, UNIT_COLUMNS, array_bytes, empty_arrays, pack, to_columns
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +62,13 @@ class Prepare(Stage):
         require_columns(batch, self.needs, self.name)
         units: list[dict] = []
         held = 0
+        chat_lines = []
         for index in range(len(batch["id"])):
             row = {key: scalar(values[index]) for key, values in batch.items()}
             if row.get("id") and self._is_done(row["id"]):
+                continue
+            if row["container"] == "openai-batch":
+                chat_lines.append(row)
                 continue
             try:
                 items = list(read_items(row, self.job.input.storage_options))
@@ -78,8 +82,39 @@ class Prepare(Stage):
                     if held >= PREPARE_FLUSH_BYTES:
                         yield to_columns(units)
                         units, held = [], 0
+        if chat_lines:
+            units.extend(self._chat_units(chat_lines))
         if units:
             yield to_columns(units)
+
+    def _chat_units(self, rows: list[dict]) -> list[dict]:
+        """Lines of an OpenAI batch file -> one unit each (or an error row), read by the endpoint's rules; their
+        image URLs are fetched concurrently."""
+        from pipelines.chat.batch_lines import prepare_lines
+
+        units = []
+        for row, outcome in zip(rows, prepare_lines(self.job, self.tokenizer(), rows)):
+            source = f"{row['uri']}#L{row['line']}"
+            if isinstance(outcome, BaseException):
+                error = {**self._error(row["id"], source, "prepare", outcome), "task": CHAT_TASK}
+                param = getattr(outcome, "param", None)
+                if param and not error["error"].startswith(("line ", param)):
+                    error["error"] = f"{param}: {error['error']}"  # where in the request, as the endpoint says it
+                units.append(error)
+                continue
+            base = {"item_id": row["id"], "source": source, "task": CHAT_TASK, "error": None, "error_stage": None}
+            units.append(
+                {
+                    **base,
+                    "error_code": None,
+                    "window_total": None,
+                    "id": row["id"],
+                    "segments_in": "[]",
+                    "pages": "[]",
+                    **pack([replace(outcome, id=row["id"])]),
+                }
+            )
+        return units
 
     def _options(self, item) -> tuple[TaskOptions, MediaSpec, SamplingParams]:
         task = self.job.task
@@ -127,6 +162,7 @@ class Prepare(Stage):
             "task": self.job.task.task,
             "error": None,
             "error_stage": None,
+            "error_code": None,
             "window_total": None,
         }
         try:
@@ -207,6 +243,7 @@ class Prepare(Stage):
             "task": self.job.task.task,
             "error": message,
             "error_stage": stage,
+            "error_code": error_code(exc),
             "segments_in": "[]",
             "pages": "[]",
             "window_total": None,

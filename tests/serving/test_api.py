@@ -332,11 +332,10 @@ def test_top_p_0_is_greedy(client):
 
 
 def _service(spec, tokenizer):
-    from serving.chat import ChatService
-    from serving.media_sources import MediaFetcher
-    from serving.protocol import ChatCompletionRequest
+    from pipelines.chat.protocol import ChatCompletionRequest
+    from serving.router import chat_preparer
 
-    service = ChatService(spec, tokenizer, MediaFetcher(spec.remote_media))
+    service = chat_preparer(spec, tokenizer)
 
     def prepare(messages, **extra):
         body = ChatCompletionRequest.model_validate({"model": "tiny", "messages": messages, **extra})

@@ -8,13 +8,13 @@ import base64
 import httpcore
 import pytest
 
+from pipelines.chat.media_sources import MediaFetcher, decode_data_url
+from pipelines.chat.url_guard import ForbiddenURL, PublicOnlyBackend, host_allowed, is_public_address
+from pipelines.config import RemoteMediaSpec
 from pipelines.errors import DecodeError, InvalidRequest, LimitExceeded
 from serving.auth import Authenticator, configured_digests
 from serving.errors import APIError, from_item_error
-from serving.media_sources import MediaFetcher, decode_data_url
-from serving.spec import RemoteMediaSpec
 from serving.stops import StopScanner
-from serving.url_guard import ForbiddenURL, PublicOnlyBackend, host_allowed, is_public_address
 
 # ---- SSRF guard ----
 

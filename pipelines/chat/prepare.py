@@ -1,5 +1,9 @@
-"""Chat completions without HTTP: an OpenAI chat request -> one PreparedRequest (media decoded and tokenized on
-this CPU), and a generation result -> the OpenAI answer."""
+"""OpenAI chat completions without HTTP: a chat request -> one PreparedRequest (media fetched, decoded and tokenized
+on this CPU), and a generation result -> the chat.completion object.
+
+The endpoint prepares each request with this, and a batch job each line of an OpenAI batch file, so the same request
+gets the same refusals, the same prompt and the same answer object either way.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,8 @@ import asyncio
 import uuid
 from dataclasses import dataclass
 
-from pipelines.engines.base import GenerationResult, PreparedRequest, SamplingParams
-from pipelines.errors import InvalidRequest, ItemError, LimitExceeded
-from pipelines.media import audio as audio_media
-from pipelines.media import image as image_media
-from pipelines.prompts import tokenize
-from serving.errors import APIError, from_item_error
-from serving.media_sources import MediaFetcher, decode_base64
-from serving.protocol import (
+from pipelines.chat.media_sources import MediaFetcher, decode_base64
+from pipelines.chat.protocol import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionRequest,
@@ -25,7 +23,12 @@ from serving.protocol import (
     completion_id,
     now,
 )
-from serving.spec import ServeSpec
+from pipelines.config import ChatSpec, MediaSpec
+from pipelines.engines.base import GenerationResult, PreparedRequest, SamplingParams
+from pipelines.errors import InvalidRequest, ItemError, LimitExceeded, RefusedRequest
+from pipelines.media import audio as audio_media
+from pipelines.media import image as image_media
+from pipelines.prompts import tokenize
 
 LOW_DETAIL_SOFT_TOKENS = 70
 # Request fields accepted only at their neutral value (see ChatCompletionRequest).
@@ -57,9 +60,28 @@ class _Media:
     data: bytes = b""
 
 
-class ChatService:
-    def __init__(self, spec: ServeSpec, tokenizer, fetcher: MediaFetcher) -> None:
-        self.spec = spec
+def _at(error: ItemError, param: str) -> ItemError:
+    """The error naming where in the request it sits (kept when a deeper layer already named it)."""
+    if getattr(error, "param", None) is None:
+        error.param = param
+    return error
+
+
+class ChatPreparer:
+    def __init__(
+        self,
+        chat: ChatSpec,
+        media: MediaSpec,
+        *,
+        model_id: str,
+        max_model_len: int,
+        tokenizer,
+        fetcher: MediaFetcher,
+    ) -> None:
+        self.chat = chat
+        self.media = media
+        self.model_id = model_id
+        self.max_model_len = max_model_len
         self.tokenizer = tokenizer
         self.fetcher = fetcher
 
@@ -67,59 +89,55 @@ class ChatService:
 
     def check(self, body: ChatCompletionRequest) -> None:
         """Refusals that need no decoding: model name, unsupported options, counts, output tokens."""
-        if body.model != self.spec.model_id:
-            raise APIError(
-                404,
-                f"the model {body.model!r} does not exist; this endpoint serves {self.spec.model_id!r}",
+        if body.model != self.model_id:
+            raise RefusedRequest(
+                f"the model {body.model!r} does not exist; this endpoint serves {self.model_id!r}",
                 param="model",
                 code="model_not_found",
+                status=404,
             )
         for name in _NEUTRAL_ONLY:
             value = getattr(body, name)
             if not (value in (None, False, [], {}, "none") or (name == "modalities" and value == ["text"])):
-                raise APIError(400, f"{name} is not supported by this endpoint", param=name, code="unsupported")
+                raise RefusedRequest(f"{name} is not supported by this endpoint", param=name, code="unsupported")
         if body.response_format and body.response_format.get("type") not in (None, "text"):
-            raise APIError(400, "only text responses are supported", param="response_format", code="unsupported")
+            raise RefusedRequest("only text responses are supported", param="response_format", code="unsupported")
         vocabulary = len(self.tokenizer)
         for token in body.logit_bias or {}:
             if int(token) >= vocabulary:
-                raise APIError(
-                    400,
+                raise RefusedRequest(
                     f"logit_bias names token {token}; this model's ids end at {vocabulary - 1}",
                     param="logit_bias",
                     code="invalid_value",
                 )
-        limits = self.spec.limits
+        limits = self.chat.limits
         if len(body.messages) > limits.max_messages:
-            raise APIError(400, f"at most {limits.max_messages} messages per request", param="messages")
+            raise RefusedRequest(f"at most {limits.max_messages} messages per request", param="messages")
         images = sum(isinstance(p, ImagePart) for m in body.messages if isinstance(m.content, list) for p in m.content)
         audios = sum(p.type == "input_audio" for m in body.messages if isinstance(m.content, list) for p in m.content)
         if images > limits.max_images_per_request:
-            raise APIError(
-                400,
+            raise RefusedRequest(
                 f"{images} images in one request; the limit is {limits.max_images_per_request}",
                 param="messages",
                 code="too_many_images",
             )
         if audios > limits.max_audio_per_request:
-            raise APIError(
-                400,
+            raise RefusedRequest(
                 f"{audios} audio clips in one request; the limit is {limits.max_audio_per_request}",
                 param="messages",
                 code="too_many_audio_clips",
             )
         wanted = body.output_tokens
         if wanted is not None and wanted > limits.max_output_tokens:
-            raise APIError(
-                400,
+            raise RefusedRequest(
                 f"max_tokens {wanted} is over this endpoint's limit of {limits.max_output_tokens}",
                 param="max_tokens",
                 code="max_tokens_too_large",
             )
 
     def sampling(self, body: ChatCompletionRequest, prompt_tokens: int) -> SamplingParams:
-        limits, defaults = self.spec.limits, self.spec.sampling
-        room = self.spec.engine.max_model_len - prompt_tokens  # what the context leaves, as OpenAI and vLLM default
+        limits, defaults = self.chat.limits, self.chat.sampling
+        room = self.max_model_len - prompt_tokens  # what the context leaves, as OpenAI and vLLM default
         temperature = defaults.temperature if body.temperature is None else body.temperature
         top_p = defaults.top_p if body.top_p is None else body.top_p
         if top_p == 0:  # only the likeliest token is left: greedy (engines refuse a top_p of 0 itself)
@@ -160,7 +178,7 @@ class ChatService:
             )
             if role == "system":
                 if any(not isinstance(p, TextPart) for p in parts):
-                    raise APIError(400, "system messages take text only", param=f"messages.{index}.content")
+                    raise RefusedRequest("system messages take text only", param=f"messages.{index}.content")
                 system.append("".join(p.text for p in parts))
                 continue
             content = []
@@ -169,9 +187,9 @@ class ChatService:
                 if isinstance(part, TextPart):
                     content.append({"type": "text", "text": part.text})
                 elif role == "assistant":
-                    raise APIError(400, "assistant messages take text only", param=param)
+                    raise RefusedRequest("assistant messages take text only", param=param)
                 elif isinstance(part, ImagePart):
-                    budget = self.spec.media.max_soft_tokens
+                    budget = self.media.max_soft_tokens
                     if part.image_url.detail == "low":
                         budget = min(budget, LOW_DETAIL_SOFT_TOKENS)
                     media.append(_Media("image", param, part.image_url.url, budget))
@@ -181,7 +199,7 @@ class ChatService:
                     content.append({"type": "audio"})
             turns.append({"role": role, "content": content})
         if not turns:
-            raise APIError(400, "the conversation needs a user or assistant message", param="messages")
+            raise RefusedRequest("the conversation needs a user or assistant message", param="messages")
         if turns[-1]["role"] == "assistant" and not any(p["type"] == "text" for p in turns[-1]["content"]):
             turns[-1]["content"].append({"type": "text", "text": ""})  # continue an empty answer
         if system:
@@ -192,9 +210,9 @@ class ChatService:
         try:
             if item.kind == "image":
                 return await self.fetcher.fetch(item.source)
-            return decode_base64(item.source, what="input_audio.data", max_bytes=self.spec.limits.max_body_bytes)
+            return decode_base64(item.source, what="input_audio.data", max_bytes=self.chat.limits.max_body_bytes)
         except ItemError as exc:
-            raise from_item_error(exc, item.param) from None
+            raise _at(exc, item.param) from None
 
     def _tokenize(self, body: ChatCompletionRequest, messages: list[dict], media: list[_Media]) -> PreparedRequest:
         patches, positions, frames, counts = [], [], [], []
@@ -205,7 +223,7 @@ class ChatService:
                         item.data,
                         max_soft_tokens=item.soft_tokens,
                         item=item.param,
-                        max_pixels=self.spec.media.max_pixels,
+                        max_pixels=self.media.max_pixels,
                     )
                     patches.append(image.patches)
                     positions.append(image.positions)
@@ -215,7 +233,7 @@ class ChatService:
                     frames.append(window.frames)
                     counts.append(window.tokens)
             except ItemError as exc:
-                raise from_item_error(exc, item.param) from None
+                raise _at(exc, item.param) from None
         try:
             # A conversation that ends with the model's message asks for that message to be continued.
             prompt = tokenize(
@@ -226,14 +244,13 @@ class ChatService:
                 continue_final=messages[-1]["role"] == "assistant",
             )
         except InvalidRequest as exc:
-            raise from_item_error(exc, "messages") from None
+            raise _at(exc, "messages") from None
         sampling = self.sampling(body, len(prompt.ids))
         total = len(prompt.ids) + sampling.max_new_tokens
-        if total > self.spec.engine.max_model_len:
-            raise APIError(
-                400,
+        if total > self.max_model_len:
+            raise RefusedRequest(
                 f"the prompt ({len(prompt.ids)} tokens) plus max_tokens ({sampling.max_new_tokens}) "
-                f"exceeds the model's context of {self.spec.engine.max_model_len} tokens",
+                f"exceeds the model's context of {self.max_model_len} tokens",
                 param="messages",
                 code="context_length_exceeded",
             )
@@ -250,7 +267,7 @@ class ChatService:
     def _audio_window(self, item: _Media):
         # One clip in a chat turn is one model input, which takes 30 s at most; longer audio goes to
         # /v1/audio/transcriptions, which windows it.
-        limit = min(self.spec.media.max_audio_s, audio_media.MAX_WINDOW_S)
+        limit = min(self.media.max_audio_s, audio_media.MAX_WINDOW_S)
         clip = audio_media.prepare_audio(item.data, item=item.param, max_duration_s=limit)
         if len(clip.windows) != 1:
             raise LimitExceeded(f"audio in a chat message is limited to {limit:g} s", item=item.param)
@@ -259,13 +276,29 @@ class ChatService:
     # ---- result -> answer ----
 
     def completion(self, result: GenerationResult) -> ChatCompletion:
-        return ChatCompletion(
-            id=completion_id(),
-            created=now(),
-            model=self.spec.model_id,
-            choices=[Choice(message=AssistantMessage(content=result.text), finish_reason=result.finish_reason)],
-            usage=usage(result.prompt_tokens, result.output_tokens),
+        return chat_completion(
+            self.model_id, result.text, result.finish_reason, result.prompt_tokens, result.output_tokens
         )
+
+
+def chat_completion(
+    model_id: str,
+    text: str,
+    finish_reason: str,
+    prompt_tokens: int,
+    output_tokens: int,
+    *,
+    ident: str | None = None,
+    created: int | None = None,
+) -> ChatCompletion:
+    """The chat.completion object for one generated answer (the endpoint's reply, a batch output line's body)."""
+    return ChatCompletion(
+        id=ident or completion_id(),
+        created=now() if created is None else created,
+        model=model_id,
+        choices=[Choice(message=AssistantMessage(content=text), finish_reason=finish_reason)],
+        usage=usage(prompt_tokens, output_tokens),
+    )
 
 
 def usage(prompt_tokens: int, output_tokens: int) -> Usage:

@@ -11,9 +11,16 @@ from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
 import httpx
 
+from pipelines.chat.url_guard import (
+    ForbiddenURL,
+    GuardedTransport,
+    PublicOnlyBackend,
+    Resolver,
+    host_allowed,
+    system_resolver,
+)
+from pipelines.config import RemoteMediaSpec
 from pipelines.errors import InvalidRequest, LimitExceeded
-from serving.spec import RemoteMediaSpec
-from serving.url_guard import ForbiddenURL, GuardedTransport, PublicOnlyBackend, Resolver, host_allowed, system_resolver
 
 logger = logging.getLogger(__name__)
 
