@@ -90,14 +90,17 @@ class RaySubmitter:
                 return None
             raise
         status = str(getattr(info.status, "value", info.status))
-        seconds = lambda ms: None if not ms else int(ms // 1000)  # noqa: E731
-        return JobState(status, seconds(info.start_time), seconds(info.end_time), info.message)
+        return JobState(status, _seconds(info.start_time), _seconds(info.end_time), info.message)
 
     def stop(self, job_id: str) -> None:
         from pipelines.submission import call
 
         call(self.client, "stop_job", job_id)
         logger.info("asked batch job %s to stop", job_id)
+
+
+def _seconds(milliseconds: int | None) -> int | None:
+    return int(milliseconds // 1000) if milliseconds else None
 
 
 def _errors(code: str, message: str) -> BatchErrors:

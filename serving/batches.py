@@ -229,8 +229,8 @@ class BatchService:
             request_counts=RequestCounts(total=source.lines or 0),
             metadata=request.metadata,
         )
-        self.store.save_batch(record)  # before submitting: a job always has its record
         job = batch_job(self.spec, self.store.url_of(source.path), self.store.url_of(self.store.output_path(batch_id)))
+        self.store.save_batch(record)  # before submitting: a job always has its record
         try:
             self.submitter.submit(job, record.job_id)
         except SubmitError as exc:
