@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 from typing import IO
 
 from pipelines.chat.batch_file import duplicate_custom_ids, iter_batch_lines
+from pipelines.chat.batch_output import ERROR_FILE, OUTPUT_FILE, write_batch_output
+from pipelines.config import JobSpec
 from pipelines.output import ERRORS, RESULTS, OutputDir
 from pipelines.submission import SubmitError
 from serving.batch_jobs import JobState, Submitter, batch_job, observe
@@ -41,7 +43,7 @@ WINDOW_S = 24 * 3600
 MAX_LISTED_FILES = 10_000
 MAX_LISTED_BATCHES = 100
 CONTENT_CHUNK = 1024 * 1024
-OUTPUT_FILE, ERRORS_FILE = "output.jsonl", "errors.jsonl"
+JOB_ENDED = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 
 
 def _not_found(kind: str, ident: str, param: str | None = None) -> APIError:
@@ -229,7 +231,7 @@ class BatchService:
             request_counts=RequestCounts(total=source.lines or 0),
             metadata=request.metadata,
         )
-        job = batch_job(self.spec, self.store.url_of(source.path), self.store.url_of(self.store.output_path(batch_id)))
+        job = self._job(record)
         self.store.save_batch(record)  # before submitting: a job always has its record
         try:
             self.submitter.submit(job, record.job_id)
@@ -301,6 +303,8 @@ class BatchService:
         if current.status not in TERMINAL_STATUSES and record.expires_at and now >= record.expires_at:
             self._stop_quietly(current)
             current = current.model_copy(update={"status": "expired", "expired_at": now})
+        if current.status == "cancelled" and job is not None and job.status in JOB_ENDED:
+            self._write_finished(current, output, manifest)
         if current.status in TERMINAL_STATUSES:
             current = self._register_outputs(current)
             logger.info("batch %s is %s: %s", record.id, current.status, current.request_counts)
@@ -320,12 +324,29 @@ class BatchService:
         except SubmitError as exc:
             logger.warning("batch %s: could not stop expired job %s: %s", record.id, record.job_id, exc)
 
+    def _write_finished(self, record: StoredBatch, output: OutputDir, manifest: dict | None) -> None:
+        """A stopped job leaves its finished lines in its result and error parts without output.jsonl: write the
+        two files from them as the job would have (same ids), so a cancelled batch's answers can be downloaded."""
+        if self.store.size(f"{self.store.output_path(record.id)}/{OUTPUT_FILE}") is not None:
+            return
+        if not output.parts(RESULTS) and not output.parts(ERRORS):
+            return  # stopped before anything finished: no output file, as OpenAI's
+        job_key = (manifest or {}).get("fingerprint") or self._job(record).fingerprint()
+        counts = write_batch_output(output, job_key=job_key, model_id=record.model or self.spec.model_id)
+        logger.info(
+            "batch %s: kept %d answers and %d errors of its stopped job", record.id, counts.succeeded, counts.failed
+        )
+
+    def _job(self, record: StoredBatch) -> JobSpec:
+        source = f"{FILES}/{record.input_file_id}.jsonl"
+        return batch_job(self.spec, self.store.url_of(source), self.store.url_of(self.store.output_path(record.id)))
+
     def _register_outputs(self, record: StoredBatch) -> StoredBatch:
         """The job's output.jsonl and errors.jsonl as files of the batch's owner (kept also for a cancelled or
         expired batch: what finished stays). Ids follow from the batch's, so replicas racing here agree."""
         update = {}
         suffix = record.id.removeprefix("batch_")
-        for field, name, always in (("output_file_id", OUTPUT_FILE, True), ("error_file_id", ERRORS_FILE, False)):
+        for field, name, always in (("output_file_id", OUTPUT_FILE, True), ("error_file_id", ERROR_FILE, False)):
             relative = f"{self.store.output_path(record.id)}/{name}"
             size = self.store.size(relative)
             if size is None or (size == 0 and not always):

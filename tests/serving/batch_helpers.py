@@ -7,6 +7,7 @@ import json
 
 import pyarrow as pa
 
+from pipelines.chat.batch_output import write_batch_output
 from pipelines.output import ERRORS, RESULTS, OutputDir
 from serving.batch_jobs import JobState
 
@@ -54,25 +55,22 @@ class FakeCluster:
 
 
 def write_results(output_url: str, ok: list[str], failed: list[str] = ()) -> OutputDir:
-    """Result and error parts as the running job writes them (only their ids matter for the counts)."""
+    """Result and error parts as the running job writes them."""
     out = OutputDir(output_url, {})
     if ok:
-        out.write_part(pa.table({"id": ok}), f"{RESULTS}/part-ok.parquet")
+        answers = {"id": ok, "text": [f"answer to {c}" for c in ok], "finish_reason": ["stop"] * len(ok),
+                   "prompt_tokens": [5] * len(ok), "output_tokens": [3] * len(ok)}  # fmt: skip
+        out.write_part(pa.table(answers), f"{RESULTS}/part-{ok[0]}.parquet")
     if failed:
-        out.write_part(pa.table({"id": list(failed)}), f"{ERRORS}/part-bad.parquet")
+        errors = {"id": list(failed), "error": ["the image cannot be decoded"] * len(failed),
+                  "code": ["invalid_media"] * len(failed)}  # fmt: skip
+        out.write_part(pa.table(errors), f"{ERRORS}/part-{failed[0]}.parquet")
     return out
 
 
 def finish_job(output_url: str, ok: list[str], failed: list[str] = (), status: str = "succeeded") -> None:
-    """What the job leaves at its end: output.jsonl, errors.jsonl and _job.json."""
+    """What the job leaves at its end: output.jsonl and errors.jsonl (by the job's own writer), then _job.json."""
     out = write_results(output_url, ok, failed)
-    lines = [{"id": f"batch_req_{c}", "custom_id": c, "response": {"status_code": 200, "body": {}}, "error": None}
-             for c in ok]  # fmt: skip
-    errors = [{"id": f"batch_req_{c}", "custom_id": c, "response": None,
-               "error": {"code": "invalid_media", "message": "bad image"}} for c in failed]  # fmt: skip
-    with out.fs.open(out.path("output.jsonl"), "w") as handle:
-        handle.writelines(json.dumps(line) + "\n" for line in lines)
-    with out.fs.open(out.path("errors.jsonl"), "w") as handle:
-        handle.writelines(json.dumps(line) + "\n" for line in errors)
+    write_batch_output(out, job_key="test-job", model_id="tiny")
     total = len(ok) + len(failed)
     out.write_manifest({"status": status, "counts": {"total": total, "succeeded": len(ok), "failed": len(failed)}})

@@ -189,7 +189,11 @@ def test_cancelling_a_running_batch_stops_its_job(endpoint):
     wait_for(client, batch.id, {"in_progress"})
     assert client.batches.cancel(batch.id).status == "cancelling"
     cancelled = wait_for(client, batch.id, {"cancelled"}, timeout_s=120)
-    assert cancelled.cancelled_at and cancelled.request_counts.completed < 40
+    finished = cancelled.request_counts.completed
+    assert cancelled.cancelled_at and finished < 40
+    # What finished before the stop is kept, and downloadable like a completed batch's answers.
+    kept = client.files.content(cancelled.output_file_id).text.splitlines() if cancelled.output_file_id else []
+    assert len(kept) == finished and all(json.loads(line)["response"]["status_code"] == 200 for line in kept)
 
 
 def test_a_batch_survives_an_endpoint_restart(endpoint):

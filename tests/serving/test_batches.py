@@ -237,8 +237,15 @@ def test_cancel_stops_the_job_and_keeps_what_finished(setup):
     assert cancelling.status == "cancelling" and cancelling.cancelling_at and cluster.stopped == [job_id]
     refused(lambda: service.cancel_batch(BOB, batch.id), 404)
     cancelled = service.retrieve_batch(ALICE, batch.id)
-    assert cancelled.status == "cancelled" and cancelled.cancelled_at
-    assert cancelled.request_counts.completed == 1 and cancelled.output_file_id is None  # no output.jsonl written
+    assert cancelled.status == "cancelled" and cancelled.cancelled_at and cancelled.request_counts.completed == 1
+    # The stopped job wrote no output.jsonl: the finished answer is written from its parts, as the job would have.
+    (answer,) = [
+        json.loads(line) for line in b"".join(service.content(ALICE, cancelled.output_file_id)[1]).splitlines()
+    ]
+    assert (
+        answer["custom_id"] == "a" and answer["response"]["body"]["choices"][0]["message"]["content"] == "answer to a"
+    )
+    assert cancelled.error_file_id is None
     assert list(OutputDir(output, {}).read_column(RESULTS)) == ["a"]  # kept: a rerun would resume from it
 
 
