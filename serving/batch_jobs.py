@@ -99,6 +99,15 @@ class RaySubmitter:
         logger.info("asked batch job %s to stop", job_id)
 
 
+def _timestamp(iso: str | None) -> int | None:
+    from datetime import datetime
+
+    try:
+        return int(datetime.fromisoformat(iso).timestamp()) if iso else None
+    except (TypeError, ValueError):
+        return None
+
+
 def _seconds(milliseconds: int | None) -> int | None:
     return int(milliseconds // 1000) if milliseconds else None
 
@@ -141,7 +150,8 @@ def observe(
         return record.model_copy(
             update={**update, "status": "failed", "failed_at": now, "errors": _errors("job_lost", message)}
         )
-    started = record.in_progress_at or job.start_time or now
+    # Ray's start_time is when it accepted the job; the driver's manifest says when the run itself began.
+    started = record.in_progress_at or _timestamp((manifest or {}).get("started_at")) or now
     ended = job.end_time or now
     if job.status == "PENDING":
         update["status"] = "cancelling" if cancelling else "validating"

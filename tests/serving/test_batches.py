@@ -180,7 +180,9 @@ def test_the_states_follow_the_job_and_its_output(setup):
     cluster.set(job_id, "RUNNING", start)
     write_results(output, ["a"], ["b"])
     running = service.retrieve_batch(ALICE, batch.id)
-    assert running.status == "in_progress" and running.in_progress_at == start
+    assert running.status == "in_progress" and running.in_progress_at == int(clock.now)  # first seen running
+    OutputDir(output, {}).write_manifest({"status": "running", "started_at": "2023-11-14T22:13:30+00:00"})
+    assert service.retrieve_batch(ALICE, batch.id).in_progress_at == int(clock.now)  # set once, kept
     assert running.request_counts.model_dump() == {"total": 3, "completed": 1, "failed": 1}
 
     finish_job(output, ["a", "c"], ["b"], status="partial")
@@ -295,3 +297,13 @@ def test_batches_list_newest_first_with_a_cursor(setup):
     page = service.list_batches(ALICE, limit=1)
     assert [b.id for b in page.data] == [ids[1]] and page.has_more and page.last_id == ids[1]
     assert [b.id for b in service.list_batches(ALICE, after=ids[1]).data] == [ids[0]]
+
+
+def test_in_progress_at_is_when_the_run_began_as_its_manifest_says(setup):
+    service, cluster, clock = setup
+    batch = create(service)
+    output = OutputDir(f"{service.spec.batch.storage_url}/batches/{batch.id}/output", {})
+    output.write_manifest({"status": "running", "started_at": "2023-11-14T22:13:30+00:00"})
+    cluster.set(next(iter(cluster.jobs)), "RUNNING", int(clock.now))
+    clock.now += 600  # first looked at long after the run began
+    assert service.retrieve_batch(ALICE, batch.id).in_progress_at == 1_700_000_010
