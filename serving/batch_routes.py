@@ -42,14 +42,9 @@ def batch_routes(service: BatchService, owner: Callable[..., str]) -> APIRouter:
     @router.get(FILES_PATH + "/{file_id}/content")
     def file_content(file_id: str, who: str = Depends(owner)):
         record, chunks = service.content(who, file_id)
-        return StreamingResponse(
-            chunks,
-            media_type="application/octet-stream",
-            headers={
-                "Content-Length": str(record.bytes),
-                "Content-Disposition": f'attachment; filename="{record.filename}"',
-            },
-        )
+        # Chunked, without Content-Length: the record's `bytes` is the size when the record was made.
+        disposition = {"Content-Disposition": f'attachment; filename="{record.filename}"'}
+        return StreamingResponse(chunks, media_type="application/octet-stream", headers=disposition)
 
     @router.delete(FILES_PATH + "/{file_id}")
     def delete_file(file_id: str, who: str = Depends(owner)):
