@@ -154,14 +154,14 @@ class ClusterRunner:
 
     @property
     def client(self):
-        from jobs.submit import client
+        from pipelines.submission import client
 
         if self._client is None:
             self._client = client(self.address)
         return self._client
 
     def start(self, job_id: str, job: JobSpec, env: dict[str, str]) -> None:
-        from jobs.submit import submit
+        from pipelines.submission import submit
 
         submit(self.client, job, submission_id=job_id, env=env)
 

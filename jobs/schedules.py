@@ -177,7 +177,7 @@ def load_schedules(path: str | Path, *, check_clusters: bool = True) -> Schedule
 
 
 def _unreachable(schedules: list[Schedule]) -> list[str]:
-    from jobs.submit import SubmitError, client
+    from pipelines.submission import SubmitError, client
 
     problems, checked = [], {}
     for schedule in schedules:

@@ -29,6 +29,14 @@ class Authenticator:
     def enabled(self) -> bool:
         return bool(self.digests)
 
+    def owner(self, authorization: str | None) -> str:
+        """Who is calling, as stored with their files and batches: the key's digest (checked first), or "" for
+        everyone when no key is configured."""
+        self.check(authorization)
+        if not self.digests:
+            return ""
+        return digest(authorization.partition(" ")[2].strip())
+
     def check(self, authorization: str | None) -> None:
         if not self.digests:
             return

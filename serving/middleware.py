@@ -29,25 +29,31 @@ class BodyLimit:
     whatever it sends is dropped and the 413 goes out instead.
     """
 
-    def __init__(self, app, max_bytes: int, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, app, max_bytes: int, metrics: Metrics | None = None, path_limits: dict[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.metrics = metrics
+        self.path_limits = path_limits or {}  # routes with a limit of their own (uploads), by path suffix
 
-    def _error(self) -> APIError:
+    def _error(self, limit: int) -> APIError:
         if self.metrics:
             self.metrics.rejected.labels("body_too_large").inc()
-        return APIError(
-            413, f"the request body is over the limit of {self.max_bytes:,} bytes", code="request_too_large"
-        )
+        return APIError(413, f"the request body is over the limit of {limit:,} bytes", code="request_too_large")
+
+    def _limit(self, path: str) -> int:
+        path = path.rstrip("/")
+        return next((limit for suffix, limit in self.path_limits.items() if path.endswith(suffix)), self.max_bytes)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self._limit(scope.get("path", ""))
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await send_error(send, self._error())
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await send_error(send, self._error(limit))
             return
         received = 0
         exceeded = False
@@ -58,7 +64,7 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     exceeded = True
                     raise _TooLarge()
             return message
@@ -75,7 +81,7 @@ class BodyLimit:
         except _TooLarge:
             pass
         if exceeded and not started:
-            await send_error(send, self._error())
+            await send_error(send, self._error(limit))
 
 
 CLIENT_CLOSED = 499  # nginx's status for a request the client gave up on: not a server error

@@ -31,6 +31,10 @@ from pipelines.engines.base import PreparedRequest
 from pipelines.errors import ItemError
 from pipelines.prompts import Task
 from serving.auth import Authenticator
+from serving.batch_jobs import RaySubmitter
+from serving.batch_routes import FILES_PATH, UPLOAD_ENVELOPE_BYTES, batch_routes
+from serving.batch_store import BatchStore
+from serving.batches import BatchService
 from serving.errors import (
     INVALID_REQUEST,
     NOT_FOUND,
@@ -87,6 +91,7 @@ def build_api(
     authenticator: Authenticator,
     metrics: Metrics,
     fetcher: MediaFetcher | None = None,
+    batches: BatchService | None = None,
 ) -> FastAPI:
     app = FastAPI(title="gemma-unified", summary="OpenAI-compatible endpoint for Gemma 4 12B Unified")
     chat = chat_preparer(spec, tokenizer, fetcher)
@@ -122,6 +127,9 @@ def build_api(
 
     def require_key(authorization: str | None = Header(None)) -> None:
         authenticator.check(authorization)
+
+    def caller(authorization: str | None = Header(None)) -> str:
+        return authenticator.owner(authorization)
 
     # ---- chat ----
 
@@ -276,6 +284,13 @@ def build_api(
             ),
         )
 
+    # ---- files and batches ----
+
+    if batches is None:
+        store = BatchStore(spec.batch.storage_url, spec.batch.storage_options)
+        batches = BatchService(spec, store, RaySubmitter(spec.batch.ray_address))
+    app.include_router(batch_routes(batches, caller))
+
     # ---- models, health, metrics ----
 
     @app.get("/v1/models", dependencies=[Depends(require_key)])
@@ -325,6 +340,11 @@ def build_api(
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     describe(app)
-    app.add_middleware(BodyLimit, max_bytes=spec.limits.max_body_bytes, metrics=metrics)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=spec.limits.max_body_bytes,
+        metrics=metrics,
+        path_limits={FILES_PATH: spec.batch.max_file_bytes + UPLOAD_ENVELOPE_BYTES},
+    )
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

@@ -5,10 +5,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipelines.config import (
     ChatLimits,
@@ -17,6 +18,7 @@ from pipelines.config import (
     MediaSpec,
     ModelSpec,
     RemoteMediaSpec,
+    ResourcesSpec,
     SamplingDefaults,
     Strict,
     load_spec_file,
@@ -127,6 +129,69 @@ class AuthSpec(Strict):
     )
 
 
+DEFAULT_BATCH_STORAGE = "gemma-unified-batches"
+
+
+def _batch_resources() -> ResourcesSpec:
+    return ResourcesSpec(replicas=1)
+
+
+class BatchSpec(Strict):
+    """/v1/files and /v1/batches: where uploads and batch records live, which cluster runs batch jobs, and limits."""
+
+    storage_url: str = Field(
+        default_factory=lambda: os.path.abspath(DEFAULT_BATCH_STORAGE),
+        min_length=1,
+        max_length=4096,
+        description="fsspec URL under which files (files/), batch records and each batch job's output (batches/) "
+        "live; every ingress replica and the batch jobs must reach it. Default: ./gemma-unified-batches where the "
+        "spec is loaded (a relative local path is made absolute there), which suits one machine only; use object "
+        "storage (s3://bucket/batches) on a cluster.",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for storage_url (endpoint_url, ...), given to the jobs too."
+    )
+    ray_address: str | None = Field(
+        None,
+        max_length=1024,
+        description="Job submission address of the cluster batch jobs run on (http://HEAD:8265). Unset: the "
+        "cluster the endpoint runs on, whose dashboard address Ray reads from its GCS (the head needs the "
+        "dashboard); RAY_API_SERVER_ADDRESS in the replicas' environment overrides that lookup.",
+    )
+    max_file_bytes: int = Field(
+        200 * 1024 * 1024, ge=1024, le=100 * 1024**3, description="Largest upload; larger files get 413."
+    )
+    max_lines_per_batch: int = Field(
+        50_000, ge=1, le=10_000_000, description="Requests (lines) in one batch input file; more get 400."
+    )
+    max_concurrent_batches_per_key: int = Field(
+        4,
+        ge=1,
+        le=10_000,
+        description="Batches one API key may have unfinished (validating, in_progress, finalizing, cancelling); "
+        "one more gets 429.",
+    )
+    resources: ResourcesSpec = Field(
+        default_factory=_batch_resources,
+        description="The batch job's model actors and CPU tasks (as a job file's `resources`; `address` is "
+        "ignored: jobs run where ray_address points). Batch actors are apart from the endpoint's model replicas, "
+        "so size the cluster for both.",
+    )
+
+    @field_validator("storage_url")
+    @classmethod
+    def _absolute_local_path(cls, value: str) -> str:
+        # Replicas and batch jobs run in other working directories: a relative path would name other folders.
+        return value if "://" in value else os.path.abspath(value)
+
+    @field_validator("resources")
+    @classmethod
+    def _no_address(cls, value: ResourcesSpec) -> ResourcesSpec:
+        if value.address is not None:
+            raise ValueError("resources.address does not apply to batch jobs: set batch.ray_address")
+        return value
+
+
 class HttpSpec(Strict):
     host: str = Field("0.0.0.0", min_length=1, max_length=255, description="Address the Serve proxy binds.")
     port: int = Field(8000, ge=1, le=65_535, description="Port of the Serve proxy.")
@@ -163,6 +228,9 @@ class ServeSpec(Strict):
     auth: AuthSpec = Field(default_factory=AuthSpec, description="Optional Bearer API keys.")
     remote_media: RemoteMediaSpec = Field(
         default_factory=RemoteMediaSpec, description="Which image URLs beyond data: URLs may be fetched."
+    )
+    batch: BatchSpec = Field(
+        default_factory=BatchSpec, description="/v1/files and /v1/batches: storage, the batch jobs' cluster, limits."
     )
     http: HttpSpec = Field(default_factory=HttpSpec, description="Where `gemma-unified serve` listens.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("WARNING", description="Serve replica logs.")

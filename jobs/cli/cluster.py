@@ -34,7 +34,7 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
 
 
 def _client(address: str | None):
-    from jobs.submit import client
+    from pipelines.submission import client
 
     if not address:
         raise _fail("no cluster address: pass --address http://HEAD:8265 or set RAY_API_SERVER_ADDRESS")
@@ -55,14 +55,14 @@ def _parse_env(pairs: list[str] | None) -> dict[str, str]:
 
 
 def _status(ray_client, job_id: str) -> str:
-    from jobs.submit import call
+    from pipelines.submission import call
 
     status = call(ray_client, "get_job_status", job_id)
     return str(getattr(status, "value", status))
 
 
 def _exit_for(status: str) -> int:
-    from jobs.submit import TERMINAL
+    from pipelines.submission import TERMINAL
 
     if status == "SUCCEEDED":
         return 0
@@ -88,7 +88,7 @@ def submit(
 ) -> None:
     """Submit a batch job to a Ray cluster; it runs `gemma-unified run` there on the same spec. Prints the job id."""
     from jobs.job_files import load_job
-    from jobs.submit import submit as submit_job
+    from pipelines.submission import submit as submit_job
 
     try:
         job = load_job(job_file)
@@ -114,7 +114,7 @@ def _when(milliseconds: int | None) -> str:
 @jobs_app.command("list")
 def list_jobs(address: str | None = _address_option()) -> None:
     """Submitted jobs, newest first: id, status, start, end, output."""
-    from jobs.submit import METADATA_KEY
+    from pipelines.submission import METADATA_KEY
 
     ray_client = _client(address)
     try:
@@ -139,7 +139,7 @@ def list_jobs(address: str | None = _address_option()) -> None:
 @jobs_app.command()
 def status(job_id: str = typer.Argument(...), address: str | None = _address_option()) -> None:
     """Print a job's status; exit 0 succeeded, 1 failed or stopped, 3 still pending or running."""
-    from jobs.submit import call
+    from pipelines.submission import call
 
     ray_client = _client(address)
     try:
@@ -158,7 +158,7 @@ def logs(
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends."),
 ) -> None:
     """Print a job's driver log; with --follow, stream it and exit with the job's outcome."""
-    from jobs.submit import call
+    from pipelines.submission import call
 
     ray_client = _client(address)
     try:
@@ -172,7 +172,7 @@ def logs(
 @jobs_app.command()
 def stop(job_id: str = typer.Argument(...), address: str | None = _address_option()) -> None:
     """Ask a job to stop; exit 0 when it was running, 1 when it had already ended."""
-    from jobs.submit import call
+    from pipelines.submission import call
 
     ray_client = _client(address)
     try:

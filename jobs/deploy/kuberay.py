@@ -181,7 +181,7 @@ def job_name(cluster: ClusterSpec, stem: str) -> str:
 def ray_job(job: JobSpec, cluster: ClusterSpec, name: str) -> dict:
     """One batch job on a cluster of its own (deleted an hour after the job ends), with `gemma-unified submit`'s
     entrypoint and runtime environment."""
-    from jobs.submit import ENTRYPOINT, runtime_env
+    from pipelines.submission import ENTRYPOINT, runtime_env
 
     job = cluster_job_spec(job, name)
     cpu, gpu = job_groups(job, cluster)

@@ -180,8 +180,8 @@ def _constraint(package: str) -> str:
 
 def test_rayjob_runs_the_submitted_spec_on_a_cluster_sized_by_its_resources(manifests, job_spec, cluster):
     from jobs.deploy.specs import cluster_job_spec
-    from jobs.submit import ENTRYPOINT, SPEC_ENV, runtime_env
     from pipelines.config import JobSpec
+    from pipelines.submission import ENTRYPOINT, SPEC_ENV, runtime_env
 
     spec = manifests["RayJob"]["spec"]
     assert spec["entrypoint"] == ENTRYPOINT

@@ -4,22 +4,15 @@ stands in for a GPU node. Jobs go in through the Job Submission API; the model a
 from __future__ import annotations
 
 import json
-import os
-import random
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import typer
 import yaml
+from ray_nodes import Head, node_env, node_ports, start_node, stop_node, wait_until
 from typer.testing import CliRunner
 
 from jobs.cli.cluster import jobs_app, submit
@@ -28,57 +21,7 @@ from pipelines.output import ERRORS, RESULTS, OutputDir
 
 pytestmark = pytest.mark.slow
 
-RAY = str(Path(sys.executable).parent / "ray")
 GENERATE_ACTOR = "MapBatches(Generate)"
-
-
-def _free_ports(count: int) -> list[int]:
-    with ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket())
-            sock.bind(("127.0.0.1", 0))
-            ports.append(sock.getsockname()[1])
-        return ports
-
-
-def _free_range(size: int) -> tuple[int, int]:
-    """A run of bindable ports below the ephemeral range and above Ray's default worker ports (10002-19999)."""
-    for _ in range(50):
-        base = random.randrange(20_000, 30_000 - size)
-        try:
-            with ExitStack() as stack:
-                for port in range(base, base + size):
-                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
-            return base, base + size - 1
-        except OSError:
-            continue
-    raise RuntimeError("no free port range")
-
-
-def _node_ports() -> list[str]:
-    manager, objects, agent, agent_grpc, runtime_env, metrics = _free_ports(6)
-    low, high = _free_range(40)
-    return [
-        "--node-ip-address",
-        "127.0.0.1",
-        "--node-manager-port",
-        str(manager),
-        "--object-manager-port",
-        str(objects),
-        "--dashboard-agent-listen-port",
-        str(agent),
-        "--dashboard-agent-grpc-port",
-        str(agent_grpc),
-        "--runtime-env-agent-port",
-        str(runtime_env),
-        "--metrics-export-port",
-        str(metrics),
-        "--min-worker-port",
-        str(low),
-        "--max-worker-port",
-        str(high),
-    ]
 
 
 @dataclass
@@ -94,89 +37,19 @@ class Cluster:
         return next(n.node_id for n in self.nodes() if "gpu_node" in (n.resources_total or {}))
 
 
-def _start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    # Its own session: the whole node (ray start --block and what it spawns) is one process group to stop.
-    return subprocess.Popen(
-        [RAY, "start", "--block", "--disable-usage-stats", *args],
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    # `ray start --block` drains and stops its node's processes on SIGTERM; signalling the whole group at once
-    # would kill the GCS under it and leave it waiting a minute for a GCS that is gone.
-    process.terminate()
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
-def _wait_until(check, timeout_s: float, what: str, processes=()) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for process in processes:
-            if process.poll() is not None:
-                raise RuntimeError(f"a ray node exited while waiting for {what}")
-        try:
-            if check():
-                return
-        except Exception:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(what)
-
-
 @pytest.fixture(scope="module")
 def cluster(tiny_dir, tmp_path_factory):
-    from ray.job_submission import JobSubmissionClient
-
     logs = tmp_path_factory.mktemp("ray-logs")
     temp_head = tempfile.mkdtemp(prefix="gu-head-", dir="/tmp")
     temp_worker = tempfile.mkdtemp(prefix="gu-worker-", dir="/tmp")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `gemma-unified` for jobs
-    env["RAY_AUTH_MODE"] = "disabled"  # token auth is Ray's business, not this test's; see the README for clients
-    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # nothing to drain at teardown
-    gcs_port, dashboard_port, client_port = _free_ports(3)
-    head = _start(
-        [
-            "--head",
-            "--port",
-            str(gcs_port),
-            "--dashboard-host",
-            "127.0.0.1",
-            "--dashboard-port",
-            str(dashboard_port),
-            "--include-dashboard",
-            "true",
-            "--ray-client-server-port",
-            str(client_port),
-            "--num-cpus",
-            "2",
-            "--object-store-memory",
-            str(200 * 1024 * 1024),
-            "--temp-dir",
-            temp_head,
-            *_node_ports(),
-        ],
-        env,
-        logs / "head.log",
-    )
-    processes = [head]
+    env = node_env()
+    head = Head.start(env, logs / "head.log", temp_head, num_cpus=2)
+    processes = [head.process]
     try:
-        address = f"http://127.0.0.1:{dashboard_port}"
-        _wait_until(lambda: JobSubmissionClient(address), 90, "the head", processes)
-        worker = _start(
+        worker = start_node(
             [
                 "--address",
-                f"127.0.0.1:{gcs_port}",
+                head.gcs_address,
                 "--num-cpus",
                 "2",
                 "--resources",
@@ -185,18 +58,18 @@ def cluster(tiny_dir, tmp_path_factory):
                 str(200 * 1024 * 1024),
                 "--temp-dir",
                 temp_worker,
-                *_node_ports(),
+                *node_ports(),
             ],
             env,
             logs / "worker.log",
         )
         processes.append(worker)
-        running = Cluster(address)
-        _wait_until(lambda: len(running.nodes()) == 2, 90, "two nodes", processes)
+        running = Cluster(head.address)
+        wait_until(lambda: len(running.nodes()) == 2, 90, "two nodes", processes)
         yield running
     finally:
         for process in reversed(processes):
-            _stop(process)
+            stop_node(process)
         shutil.rmtree(temp_head, ignore_errors=True)
         shutil.rmtree(temp_worker, ignore_errors=True)
 
@@ -308,7 +181,7 @@ def test_stop_and_status_exit_codes(cluster, images, tmp_path):
     job_id = result.output.strip()
     assert invoke("jobs", "status", job_id, "--address", cluster.address).exit_code in (0, 3)
     assert invoke("jobs", "stop", job_id, "--address", cluster.address).exit_code == 0
-    _wait_until(
+    wait_until(
         lambda: invoke("jobs", "status", job_id, "--address", cluster.address).exit_code != 3, 60, "the job to stop"
     )
     status = invoke("jobs", "status", job_id, "--address", cluster.address)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from jobs.cli.cluster import jobs_app, submit
 from jobs.job_files import build_job
-from jobs.submit import ENTRYPOINT, SPEC_ENV, runtime_env
+from pipelines.submission import ENTRYPOINT, SPEC_ENV, runtime_env
 
 JOB = {
     "input": {"url": "/data/in"},

@@ -107,3 +107,17 @@ def test_cli_reports_a_bad_spec_without_starting_anything(tmp_path):
     result = CliRunner().invoke(app, ["serve", str(path), "--port", "9000"])
     assert result.exit_code == 2
     assert "limits.max_output_tokens" in result.output
+
+
+def test_batch_storage_and_limits(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # Replicas and batch jobs run elsewhere: a local path is fixed where the spec is loaded.
+    assert ServeSpec().batch.storage_url == str(tmp_path / "gemma-unified-batches")
+    assert build_spec({"batch": {"storage_url": "runs/b"}}).batch.storage_url == str(tmp_path / "runs" / "b")
+    assert build_spec({"batch": {"storage_url": "s3://bucket/b"}}).batch.storage_url == "s3://bucket/b"
+    batch = ServeSpec().batch
+    assert (batch.max_file_bytes, batch.max_lines_per_batch, batch.ray_address) == (200 * 1024**2, 50_000, None)
+    with pytest.raises(SpecError, match="batch.resources"):
+        build_spec({"batch": {"resources": {"address": "ray://elsewhere:10001"}}})
+    with pytest.raises(SpecError, match="batch.max_lines_per_batch"):
+        build_spec({"batch": {"max_lines_per_batch": 0}})
