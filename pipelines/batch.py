@@ -159,12 +159,11 @@ def _batch_file_rows(job: JobSpec):
         raise BatchFileError(f"{job.input.url}: {describe_duplicates(duplicates)}")
 
 
-def _read_input(job: JobSpec, out: OutputDir, run_id: str, skipped: list[str]):
+def _read_input(job: JobSpec, input_format: str, out: OutputDir, run_id: str, skipped: list[str]):
     """The input as a dataset of listing rows, and how many rows it has (None where that would take a read)."""
     import ray.data
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    input_format = detect_format(job.input)
     if input_format == "manifest":
         return _read_manifest(job)
     if input_format == "openai-batch":
@@ -321,7 +320,9 @@ def _run(job: JobSpec, out: OutputDir, previous: dict, header: dict, progress: b
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     run_id = uuid.uuid4().hex[:12]
     unsupported: list[str] = []
-    dataset, listed = _read_input(job, out, run_id, unsupported)
+    # Decided once: telling an OpenAI batch file from a manifest reads the input's first line.
+    input_format = detect_format(job.input)
+    dataset, listed = _read_input(job, input_format, out, run_id, unsupported)
     done_ref = ray.put(done) if len(done) else None
     if len(done):
         logger.info("resuming %s: %d units already in the output are skipped", out.url, len(done))
@@ -369,7 +370,7 @@ def _run(job: JobSpec, out: OutputDir, previous: dict, header: dict, progress: b
         ray.remote(num_cpus=0)(count_output).remote(job.output.url, job.output.storage_options)
     )
     summary.total = summary.succeeded + summary.failed
-    if detect_format(job.input) == "openai-batch":
+    if input_format == "openai-batch":
         from pipelines.chat.batch_output import write_batch_output
 
         write_batch_output(out, job_key=header["fingerprint"], model_id=job.chat.served_model_name or job.model.name)

@@ -50,6 +50,18 @@ def _not_found(kind: str, ident: str, param: str | None = None) -> APIError:
     return APIError(404, f"no {kind} with id {ident!r}", type=NOT_FOUND, param=param, code=f"{kind}_not_found")
 
 
+def _listing(records: list, after: str | None, limit: int, public=lambda record: record.public()) -> dict:
+    """The fields of an OpenAI list object for one page of records: data, first_id, last_id, has_more."""
+    page, more = _page(records, after, limit)
+    data = [public(record) for record in page]
+    return {
+        "data": data,
+        "first_id": data[0].id if data else None,
+        "last_id": data[-1].id if data else None,
+        "has_more": more,
+    }
+
+
 def _page(records: list, after: str | None, limit: int) -> tuple[list, bool]:
     """The records after the cursor `after` (an id; unknown: an empty page), at most `limit`, and whether more
     follow."""
@@ -148,13 +160,7 @@ class BatchService:
     ) -> FileList:
         records = [r for r in self.store.files() if r.owner == owner and purpose in (None, r.purpose)]
         records.sort(key=lambda r: (r.created_at, r.id), reverse=order == "desc")
-        page, more = _page(records, after, limit)
-        return FileList(
-            data=[r.public() for r in page],
-            first_id=page[0].id if page else None,
-            last_id=page[-1].id if page else None,
-            has_more=more,
-        )
+        return FileList(**_listing(records, after, limit))
 
     def retrieve_file(self, owner: str, file_id: str) -> FileObject:
         return self._own_file(owner, file_id).public()
@@ -256,14 +262,7 @@ class BatchService:
     def list_batches(self, owner: str, *, after: str | None = None, limit: int = 20) -> BatchList:
         records = [r for r in self.store.batches() if r.owner == owner]
         records.sort(key=lambda r: (r.created_at, r.id), reverse=True)
-        page, more = _page(records, after, limit)
-        page = [self._refresh(r) for r in page]
-        return BatchList(
-            data=[r.public() for r in page],
-            first_id=page[0].id if page else None,
-            last_id=page[-1].id if page else None,
-            has_more=more,
-        )
+        return BatchList(**_listing(records, after, limit, lambda record: self._refresh(record).public()))
 
     def cancel_batch(self, owner: str, batch_id: str) -> Batch:
         record = self._refresh(self._own_batch(owner, batch_id))
