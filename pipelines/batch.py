@@ -13,13 +13,13 @@ from datetime import UTC, datetime
 from pipelines.cluster import connect as join_or_start
 from pipelines.config import JobSpec
 from pipelines.errors import FatalEngineError, explain
+from pipelines.listing_pages import BATCH_LISTING_COLUMNS, LISTING_COLUMNS, read_listing, remove_listing, write_listing
 from pipelines.output import ERRORS, RESULTS, OutputDir
 from pipelines.preflight import check_local_model, cluster_address
 from pipelines.replica import REPLICA_STATS, aggregate
 from pipelines.sources import check_reachable, detect_format, iter_listing
 from pipelines.stitch import stitch_windows
 
-LISTING_PAGE = 2_000  # rows per listing page: the driver holds one page at a time
 DRIVER_MALLOC_ARENAS = 2  # glibc malloc arenas of the driver process, see `limit_malloc_arenas`
 
 logger = logging.getLogger(__name__)
@@ -97,42 +97,6 @@ def connect(job: JobSpec) -> None:
     )
 
 
-LISTING_COLUMNS = {"id": "string", "uri": "string", "container": "string"}
-# A batch file's listing row is one line: its byte range, read by the prepare task that takes it.
-BATCH_LISTING_COLUMNS = {**LISTING_COLUMNS, "offset": "int64", "length": "int64", "line": "int64"}
-
-
-def _write_listing(out: OutputDir, run_id: str, rows, schema: dict[str, str]) -> tuple[str, int]:
-    """Stream listing rows to Parquet pages under the output, holding one page in memory at a time. Returns the
-    folder and the number of rows."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    folder = out.path("_work", f"listing-{run_id}")
-    out.fs.makedirs(folder, exist_ok=True)
-    columns: dict[str, list] = {name: [] for name in schema}  # one page, as columns: no dict per row
-    pages = listed = 0
-
-    def flush() -> None:
-        nonlocal pages, listed
-        table = pa.table({name: pa.array(values, pa.type_for_alias(schema[name])) for name, values in columns.items()})
-        with out.fs.open(f"{folder}/page-{pages:06d}.parquet", "wb") as handle:
-            pq.write_table(table, handle)
-        listed += table.num_rows
-        for values in columns.values():
-            values.clear()
-        pages += 1
-
-    for row in rows:
-        for name, values in columns.items():
-            values.append(row[name])
-        if len(columns["id"]) >= LISTING_PAGE:
-            flush()
-    if columns["id"] or not pages:
-        flush()
-    return folder, listed
-
-
 def _batch_file_rows(job: JobSpec):
     """The lines of an OpenAI batch file as listing rows; repeated custom_ids refuse the job before it runs."""
     import fsspec
@@ -161,16 +125,13 @@ def _batch_file_rows(job: JobSpec):
 
 def _read_input(job: JobSpec, input_format: str, out: OutputDir, run_id: str, skipped: list[str]):
     """The input as a dataset of listing rows, and how many rows it has (None where that would take a read)."""
-    import ray.data
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
     if input_format == "manifest":
         return _read_manifest(job)
     if input_format == "openai-batch":
-        folder, listed = _write_listing(out, run_id, _batch_file_rows(job), BATCH_LISTING_COLUMNS)
+        pages, listed = write_listing(out, run_id, _batch_file_rows(job), BATCH_LISTING_COLUMNS)
     else:
-        folder, listed = _write_listing(out, run_id, iter_listing(job.input, skipped), LISTING_COLUMNS)
-    return ray.data.read_parquet(folder, filesystem=PyFileSystem(FSSpecHandler(out.fs))), listed
+        pages, listed = write_listing(out, run_id, iter_listing(job.input, skipped), LISTING_COLUMNS)
+    return read_listing(out, pages), listed
 
 
 def _read_manifest(job: JobSpec):
@@ -375,9 +336,7 @@ def _run(job: JobSpec, out: OutputDir, previous: dict, header: dict, progress: b
 
         write_batch_output(out, job_key=header["fingerprint"], model_id=job.chat.served_model_name or job.model.name)
         summary.openai_batch = True
-    out.fs.rm(out.path("_work", f"listing-{run_id}"), recursive=True) if out.fs.exists(
-        out.path("_work", f"listing-{run_id}")
-    ) else None
+    remove_listing(out, run_id)
     out.write_manifest(
         {
             **header,

@@ -14,18 +14,21 @@ logger = logging.getLogger(__name__)
 def connect(address: str | None = None, *, num_cpus: int | None = None, object_store_bytes: int | None = None) -> None:
     """Join `address` (or RAY_ADDRESS) after checking it answers, else start a local instance; no-op if Ray is up.
 
-    Workers get the forwarded environment (storage credentials, hub settings) through the runtime env."""
+    On a cluster, workers get the forwarded environment (storage credentials, hub settings) through the job's runtime
+    env. A local instance's processes inherit this process's environment already, so it sets no runtime env: Ray
+    starts a few idle workers with the instance, and a job with a runtime env of its own could not use them (each
+    of its workers would be a new process, seconds of CPU on a small machine)."""
     import ray
 
     if ray.is_initialized():
         return
     # Ray's own start-up lines (token auth, "Started a local Ray instance") only when our loggers are verbose.
     ray_logging = logging.INFO if logger.isEnabledFor(logging.INFO) else logging.ERROR
-    runtime_env = {"env_vars": forwarded_env()}
     address = cluster_address(address)
     if address:
         check_cluster(address)
         logger.info("joining the Ray cluster at %s", address)
+        runtime_env = {"env_vars": forwarded_env()}
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level=ray_logging)
         return
     logger.info("starting a local Ray instance (%s CPUs)", num_cpus or "all")
@@ -33,7 +36,6 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, object_s
         ray.init(
             num_cpus=num_cpus,
             object_store_memory=object_store_bytes,
-            runtime_env=runtime_env,
             include_dashboard=False,
             log_to_driver=False,
             logging_level=ray_logging,
