@@ -1,5 +1,5 @@
 """A job's listing as Parquet pages under the output: written by the driver one page at a time, read back by Ray
-Data tasks one page each.
+Data tasks one page each (a listing of one page goes to Ray Data from the driver).
 
 The pages are read by plain tasks rather than `ray.data.read_parquet`: its reader starts a pool of footer-reading
 actors, each a new worker process, and on a small machine those processes take seconds of CPU just when the model
@@ -54,9 +54,13 @@ def write_listing(out: OutputDir, run_id: str, rows, schema: dict[str, str]) -> 
 
 
 def read_listing(out: OutputDir, pages: list[str]):
-    """The pages as a dataset of listing rows: one task per page."""
+    """The pages as a dataset of listing rows: one task per page, or for a listing of one page, the page itself
+    (a few hundred KB at most), so a small job starts no read task before its prepare tasks."""
     import ray.data
 
+    if len(pages) == 1:
+        with out.fs.open(pages[0], "rb") as handle:
+            return ray.data.from_arrow(pq.read_table(handle))
     url, options = out.url, out.storage_options
 
     def read_pages(batch: dict) -> pa.Table:

@@ -1,5 +1,5 @@
 """A job's listing pages: written one page at a time, read back by one plain task per page (no footer-reading
-actors), locally and in object storage."""
+actors) or, for one page, from the driver; locally and in object storage."""
 
 from __future__ import annotations
 
@@ -47,6 +47,14 @@ def test_pages_hold_every_row_once_and_read_back_without_footer_actors(ray_clust
     assert not out.fs.exists(listing_folder(out, "run1"))
 
 
+def test_a_one_page_listing_is_read_in_full(ray_cluster, tmp_path):
+    out = OutputDir(str(tmp_path / "out"), {})
+    pages, listed = write_listing(out, "run4", _rows(LISTING_PAGE - 1), LISTING_COLUMNS)
+    assert (len(pages), listed) == (1, LISTING_PAGE - 1)
+    rows = read_listing(out, pages).take_all()
+    assert sorted(row["id"] for row in rows) == sorted(f"item-{index}" for index in range(LISTING_PAGE - 1))
+
+
 def test_an_empty_listing_is_an_empty_dataset_with_its_columns(ray_cluster, tmp_path):
     out = OutputDir(str(tmp_path / "out"), {})
     pages, listed = write_listing(out, "run2", iter(()), BATCH_LISTING_COLUMNS)
@@ -63,6 +71,8 @@ def test_pages_in_object_storage_are_read_through_the_outputs_storage_options(s3
     options = {"client_kwargs": {"endpoint_url": s3_env["AWS_ENDPOINT_URL"]}}
     s3fs.S3FileSystem(**options).mkdir("listing-pages")
     out = OutputDir("s3://listing-pages/job", options)
-    pages, listed = write_listing(out, "run3", _rows(5), LISTING_COLUMNS)
-    assert all(page.startswith("listing-pages/job/_work/listing-run3/") for page in pages)
-    assert sorted(row["id"] for row in read_listing(out, pages).take_all()) == [f"item-{i}" for i in range(5)]
+    count = LISTING_PAGE + 3  # two pages: read by tasks in the workers, through the output's storage options
+    pages, listed = write_listing(out, "run3", _rows(count), LISTING_COLUMNS)
+    assert len(pages) == 2 and all(page.startswith("listing-pages/job/_work/listing-run3/") for page in pages)
+    rows = read_listing(out, pages).take_all()
+    assert sorted(row["id"] for row in rows) == sorted(f"item-{index}" for index in range(count))
